@@ -1,0 +1,39 @@
+"""The command line: fast help, and the commands doing what they say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from visualprm_ray.checkpoint import load_checkpoint
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = (
+        "import sys, time; t = time.time(); from visualprm_ray.cli import build_parser; "
+        "import visualprm_ray; visualprm_ray.__version__; "
+        "print(time.time() - t, any(m in sys.modules for m in ('torch', 'transformers', 'ray')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    elapsed, heavy = out.split()
+    assert heavy == "False"
+    assert float(elapsed) < 1.0
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "visualprm_ray", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "tiny-checkpoint" in result.stdout
+    assert time.time() - start < 5
+
+
+def test_tiny_checkpoint_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "visualprm_ray", "tiny-checkpoint", str(tmp_path / "ck"), "--seed", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert "llm_config" in config and "vision_config" in config
+    assert load_checkpoint(tmp_path / "ck", dtype="float32").info.layout == "upstream"

@@ -1,0 +1,3 @@
+from visualprm_ray.cli import main
+
+raise SystemExit(main())
