@@ -1,0 +1,97 @@
+"""Prefix sharing on CPU: one group call vs one call per candidate, tiny checkpoint.
+
+Prints a table and writes JSON. The tiny checkpoint keeps the real image geometry (448-px tiles,
+256 image tokens each), so the image-token prefix is as long as the real model's; only the layer
+sizes are tiny. Usage: python benchmarks/scorer_cpu.py [--candidates 8] [--repeats 3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SIZES = {"1920x1080": (1920, 1080), "1600x1200": (1600, 1200)}
+
+
+def _image(width: int, height: int) -> Image.Image:
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for i in range(12):
+        draw.line(
+            [(i * width // 12, 0), (width - i * width // 12, height)], fill=(40 * (i % 6), 0, 0), width=5
+        )
+    return img
+
+
+def _responses(n: int) -> list[str]:
+    steps = [
+        f"Step {i}: the side AB is {i + 3} cm, so the area grows by {2 * i + 1} units." for i in range(6)
+    ]
+    return ["\n\n".join([*steps[: 3 + k % 3], f"Final answer: \\boxed{{{k * 7}}}"]) for k in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    args = parser.parse_args()
+
+    import torch
+
+    from visualprm_ray.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.scorer import VisualPRM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prm = VisualPRM.from_pretrained(write_tiny_checkpoint(tmp), device="cpu", dtype="float32")
+    responses = _responses(args.candidates)
+    question = "In the figure, what is the area of triangle ABC?"
+    rows = []
+    for name, (w, h) in SIZES.items():
+        image = _image(w, h)
+        tiles = len(prm.tile(image)[0])
+        prm.score(question, responses[:2], image)  # warm-up
+
+        def timed(fn) -> float:
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return sorted(times)[len(times) // 2]
+
+        group = timed(lambda image=image: prm.score(question, responses, image))
+        single = timed(lambda image=image: [prm.score(question, [r], image) for r in responses])
+        rows.append(
+            {
+                "image": name,
+                "tiles": tiles,
+                "candidates": len(responses),
+                "group_call_s": round(group, 3),
+                "one_by_one_s": round(single, 3),
+                "speedup": round(single / group, 2),
+            }
+        )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    )
+    print(f"prefix sharing on CPU (tiny checkpoint, float32), {machine}, threads={torch.get_num_threads()}")
+    print(f"{'image':<10} {'tiles':>5} {'cands':>5} {'group s':>8} {'1-by-1 s':>9} {'speedup':>8}")
+    for r in rows:
+        print(
+            f"{r['image']:<10} {r['tiles']:>5} {r['candidates']:>5} {r['group_call_s']:>8.3f} "
+            f"{r['one_by_one_s']:>9.3f} {r['speedup']:>7.2f}x"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

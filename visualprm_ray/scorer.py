@@ -1,0 +1,444 @@
+"""The fast scorer: each image encoded once, each group's shared prefix computed once (SPEC §3).
+
+Upstream scores a group of N candidates with N full forwards, each re-encoding the image and
+re-reading the ~3.5k-token prefix. Here a group becomes one packed row: the common token prefix
+followed by every candidate's suffix, with a tree-shaped attention mask (a suffix token sees the
+whole prefix and the earlier tokens of its own suffix) and position ids that restart at the prefix
+length for each suffix. Causal attention makes every candidate's hidden states identical to those
+of its own full forward, so the scores are the same numbers for a fraction of the work. Rows are
+batched by a token budget (padded tokens counted) rather than a row count, and P(+) is computed
+from the two logits of '+' and '-' only, in float32, at the score positions only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from visualprm_ray.group import PreparedGroup, RowError, candidate_steps, prepare_group
+
+if TYPE_CHECKING:
+    import torch
+
+    from visualprm_ray.checkpoint import LoadedCheckpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_TOKEN_BUDGET = 16384
+DEFAULT_VISION_BATCH = 16
+
+
+@dataclass
+class ScoredResponse:
+    """One candidate's result, in the caller's input order."""
+
+    response: str | list[str]
+    steps: list[str]
+    step_scores: list[float]
+    score: float | None  # mean of step_scores; None when the candidate could not be scored
+    score_min: float | None = None
+    score_last: float | None = None
+    error: str | None = None
+
+
+def normalize_tiles(tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 NHWC tiles to normalised NCHW pixels: x/255, ImageNet mean/std in float32, then dtype."""
+    import torch
+
+    mean = torch.tensor(IMAGENET_MEAN, device=tiles.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=tiles.device).view(1, 3, 1, 1)
+    pixels = tiles.permute(0, 3, 1, 2).float().div_(255.0)
+    return ((pixels - mean) / std).to(dtype)
+
+
+@dataclass
+class _Unit:
+    """One packed row: a group's prefix plus the suffixes of some of its candidates."""
+
+    group: int
+    candidates: list[int]
+    length: int
+
+
+@dataclass
+class _Batch:
+    units: list[_Unit] = field(default_factory=list)
+    width: int = 0
+
+
+def unique_candidates(group: PreparedGroup) -> dict[bytes, int]:
+    """Scorable candidates keyed by their token suffix, first occurrence kept.
+
+    Duplicate responses are common in sampled rollouts; scoring one copy is cheaper, and it makes
+    identical responses tie exactly (a second copy elsewhere in the packed row would differ in the
+    last float bits), so a stable ranking keeps them in input order.
+    """
+    first: dict[bytes, int] = {}
+    for k in range(group.num_candidates):
+        if group.scorable(k):
+            first.setdefault(group.suffixes[k].tobytes(), k)
+    return first
+
+
+def plan_batches(groups: Sequence[PreparedGroup], token_budget: int) -> list[_Batch]:
+    """Split groups into packed rows and rows into batches under ``token_budget`` padded tokens.
+
+    A group whose packed row would exceed the budget is split into several rows, each repeating
+    the prefix (rare: the alternative, a prefix cache shared across forwards, costs memory on
+    every group to save compute on a few). A single row longer than the budget still runs alone.
+    """
+    units: list[_Unit] = []
+    for g, group in enumerate(groups):
+        prefix = len(group.prefix)
+        current: list[int] = []
+        length = prefix
+        for k in unique_candidates(group).values():
+            extra = len(group.suffixes[k])
+            if current and length + extra > token_budget:
+                units.append(_Unit(g, current, length))
+                current, length = [], prefix
+            current.append(k)
+            length += extra
+        if current:
+            units.append(_Unit(g, current, length))
+    # Longest first, so that rows sharing a batch have similar lengths and little padding.
+    units.sort(key=lambda u: u.length, reverse=True)
+    batches: list[_Batch] = []
+    for unit in units:
+        batch = batches[-1] if batches else None
+        if batch is None or (len(batch.units) + 1) * batch.width > token_budget:
+            batch = _Batch(width=unit.length)
+            batches.append(batch)
+        batch.units.append(unit)
+    return batches
+
+
+def tree_attention_mask(seg: torch.Tensor, attn_implementation: str, dtype: torch.dtype):
+    """The packed rows' attention mask from segment ids (0 = prefix, j = candidate j, -1 = padding).
+
+    A token sees earlier tokens of the prefix and of its own segment. Padding sees the prefix and
+    padding, so no query row is empty (an empty row gives NaN in SDPA); nothing attends to it.
+    sdpa gets a dense boolean mask, eager an additive one, flex attention a block-sparse mask that
+    skips the blocks where candidates would see each other.
+    """
+    import torch
+
+    rows, width = seg.shape
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, kv):
+            return (kv <= q) & ((seg[b, kv] == 0) | (seg[b, kv] == seg[b, q]))
+
+        return create_block_mask(mask_mod, rows, None, width, width, device=seg.device)
+    idx = torch.arange(width, device=seg.device)
+    causal = idx.view(1, width) <= idx.view(width, 1)  # [query, key]
+    same_branch = (seg.unsqueeze(1) == seg.unsqueeze(2)) | (seg.unsqueeze(1) == 0)
+    mask = (causal.unsqueeze(0) & same_branch).unsqueeze(1)  # [rows, 1, query, key]
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask
+
+
+class GroupScorer:
+    """Scores prepared groups on one device with one model replica."""
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        *,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        vision_batch: int = DEFAULT_VISION_BATCH,
+    ) -> None:
+        import torch
+
+        self.model = checkpoint.model
+        self.tokenizer = checkpoint.tokenizer
+        self.info = checkpoint.info
+        self.token_budget = token_budget
+        self.vision_batch = vision_batch
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
+        lm_head = self.model.get_output_embeddings().weight
+        ids = torch.tensor([self.tokenizer.plus_id, self.tokenizer.minus_id], device=lm_head.device)
+        # Only the '+' and '-' rows of the output head are ever needed: [2, hidden] in float32.
+        self._pm_head = lm_head.index_select(0, ids).float()
+        self._embed = self.model.get_input_embeddings()
+        self._language_model = self.model.model.language_model
+        self._tokens_per_tile = self.info.image_tokens_per_tile
+
+    # -- vision --------------------------------------------------------------------------------
+
+    def encode_tiles(self, tiles: np.ndarray) -> torch.Tensor:
+        """Image features for uint8 tiles [T, H, W, 3]: [T * tokens_per_tile, hidden]."""
+        import torch
+
+        feats = []
+        for start in range(0, len(tiles), self.vision_batch):
+            chunk = torch.from_numpy(tiles[start : start + self.vision_batch]).to(self.device)
+            out = self.model.model.get_image_features(pixel_values=normalize_tiles(chunk, self.dtype))
+            out = out if isinstance(out, torch.Tensor) else out.pooler_output
+            feats.append(out.reshape(-1, out.shape[-1]))
+        return torch.cat(feats)
+
+    # -- language model -------------------------------------------------------------------------
+
+    def _forward_batch(
+        self, batch: _Batch, groups: Sequence[PreparedGroup], features: dict[int, torch.Tensor]
+    ) -> list[tuple[_Unit, list[np.ndarray]]]:
+        import torch
+
+        rows, width = len(batch.units), batch.width
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        pos = torch.zeros(rows, width, dtype=torch.long)
+        seg = torch.full((rows, width), -1, dtype=torch.long)
+        gather_rows, gather_cols, splits = [], [], []
+        for r, unit in enumerate(batch.units):
+            group = groups[unit.group]
+            p = len(group.prefix)
+            ids[r, :p] = torch.from_numpy(group.prefix)
+            pos[r, :p] = torch.arange(p)
+            seg[r, :p] = 0
+            offset = p
+            for j, k in enumerate(unit.candidates):
+                suffix = group.suffixes[k]
+                n = len(suffix)
+                ids[r, offset : offset + n] = torch.from_numpy(suffix)
+                pos[r, offset : offset + n] = torch.arange(p, p + n)
+                seg[r, offset : offset + n] = j + 1
+                # Score positions are indices into the candidate's own full sequence; map the
+                # ones past the prefix into this candidate's slot of the packed row.
+                full = group.positions[k]
+                gather_cols.append(np.where(full < p, full, full - p + offset))
+                gather_rows.append(np.full(len(full), r))
+                splits.append(len(full))
+                offset += n
+        ids, pos, seg = ids.to(self.device), pos.to(self.device), seg.to(self.device)
+
+        embeds = self._embed(ids)
+        image_mask = ids == self.info.image_token_id
+        if image_mask.any():
+            feats = torch.cat([features[u.group] for u in batch.units if u.group in features])
+            if int(image_mask.sum()) != feats.shape[0]:
+                raise AssertionError(
+                    f"packed rows hold {int(image_mask.sum())} image tokens for {feats.shape[0]} features"
+                )
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
+
+        mask = tree_attention_mask(seg, self.model.config._attn_implementation, embeds.dtype)
+        hidden = self._language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
+        ).last_hidden_state
+
+        r_idx = torch.from_numpy(np.concatenate(gather_rows)).to(self.device)
+        c_idx = torch.from_numpy(np.concatenate(gather_cols)).to(self.device)
+        logits = hidden[r_idx, c_idx].float() @ self._pm_head.T  # [N, 2]: z_plus, z_minus
+        probs = torch.softmax(logits, dim=-1)[:, 0].cpu().numpy().astype(np.float32)
+        per_candidate = np.split(probs, np.cumsum(splits)[:-1])
+        out, start = [], 0
+        for unit in batch.units:
+            out.append((unit, per_candidate[start : start + len(unit.candidates)]))
+            start += len(unit.candidates)
+        return out
+
+    def score(self, groups: Sequence[PreparedGroup]) -> list[list[np.ndarray | None]]:
+        """Step scores per group, per candidate (None for candidates with an error)."""
+        import torch
+
+        results: list[list[np.ndarray | None]] = [[None] * g.num_candidates for g in groups]
+        batches = plan_batches(groups, self.token_budget)
+        remaining: dict[int, int] = {}
+        for batch in batches:
+            for unit in batch.units:
+                remaining[unit.group] = remaining.get(unit.group, 0) + 1
+        features: dict[int, torch.Tensor] = {}
+        with torch.inference_mode():
+            for batch in batches:
+                # Encode every image of this batch's groups once, all tiles together; a group split
+                # over several rows reuses its features until its last row is done.
+                needed = [
+                    u.group for u in batch.units if u.group not in features and len(groups[u.group].tiles)
+                ]
+                needed = list(dict.fromkeys(needed))
+                if needed:
+                    encoded = self.encode_tiles(np.concatenate([groups[g].tiles for g in needed]))
+                    sizes = [len(groups[g].tiles) * self._tokens_per_tile for g in needed]
+                    features.update(zip(needed, torch.split(encoded, sizes), strict=True))
+                for unit, scores in self._forward_batch(batch, groups, features):
+                    for k, s in zip(unit.candidates, scores, strict=True):
+                        results[unit.group][k] = s
+                    remaining[unit.group] -= 1
+                    if not remaining[unit.group]:
+                        features.pop(unit.group, None)
+        for g, group in enumerate(groups):
+            first = unique_candidates(group)
+            for k in range(group.num_candidates):
+                if group.scorable(k):
+                    results[g][k] = results[g][first[group.suffixes[k].tobytes()]]
+        return results
+
+
+class VisualPRM:
+    """VisualPRM-8B as a Python object: score a question's candidate responses, step by step.
+
+    >>> prm = VisualPRM.from_pretrained("/path/to/checkpoint", device="cpu", dtype="float32")
+    >>> results = prm.score("What is 2+2?", ["2+2 is 4.\\n\\nSo the answer is 4."])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        *,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        vision_batch: int = DEFAULT_VISION_BATCH,
+        max_tiles: int | None = None,
+        max_pixels: int | None = None,
+        system_message: str | None = None,
+    ) -> None:
+        from visualprm_ray.images import DEFAULT_MAX_PIXELS
+
+        self.checkpoint = checkpoint
+        self.info = checkpoint.info
+        self.tokenizer = checkpoint.tokenizer
+        self.scorer = GroupScorer(checkpoint, token_budget=token_budget, vision_batch=vision_batch)
+        self.max_tiles = max_tiles or self.info.max_tiles
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        self.system_message = self.info.system_message if system_message is None else system_message
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        device: str = "cuda",
+        dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+        attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa",
+        **kwargs: Any,
+    ) -> VisualPRM:
+        """Load from a local directory (upstream or native layout) or a hub id; never runs its code."""
+        from visualprm_ray.checkpoint import load_checkpoint
+
+        directory = resolve_model_source(source)
+        checkpoint = load_checkpoint(
+            directory, dtype=dtype, device=device, attn_implementation=attn_implementation
+        )
+        return cls(checkpoint, **kwargs)
+
+    def tile(self, images: Any) -> list[np.ndarray]:
+        from visualprm_ray.images import load_image
+        from visualprm_ray.tiling import tile_image
+
+        if images is None:
+            return []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return [
+            tile_image(
+                load_image(img, max_pixels=self.max_pixels),
+                max_tiles=self.max_tiles,
+                tile_size=self.info.image_size,
+                use_thumbnail=self.info.use_thumbnail,
+                min_tiles=self.info.min_tiles,
+            )
+            for img in images
+        ]
+
+    def prepare(
+        self,
+        question: str,
+        responses: Sequence[str | Sequence[str]],
+        images: Any = None,
+        *,
+        max_steps: int | None = 12,
+    ) -> PreparedGroup:
+        steps: list[list[str] | RowError] = []
+        for r in responses:
+            try:
+                steps.append(candidate_steps(r, max_steps))
+            except RowError as exc:
+                steps.append(exc)
+        return prepare_group(
+            question,
+            steps,
+            self.tile(images),
+            self.tokenizer,
+            system_message=self.system_message,
+            image_tokens_per_tile=self.info.image_tokens_per_tile,
+            image_token_id=self.info.image_token_id,
+            max_context=self.info.max_context,
+        )
+
+    def score(
+        self,
+        question: str,
+        responses: Sequence[str | Sequence[str]],
+        images: Any = None,
+        max_steps: int | None = 12,
+        *,
+        on_error: Literal["raise", "record"] = "raise",
+    ) -> list[ScoredResponse]:
+        """Score every response to ``question``; results come back in input order.
+
+        A response is a string (split into steps as VisualPRM does) or a list of step strings
+        (scored as given). ``images`` takes a PIL image, encoded bytes or a path/URI, or a list.
+        With ``on_error="record"`` a response that cannot be scored comes back with ``error`` set
+        instead of raising.
+        """
+        group = self.prepare(question, responses, images, max_steps=max_steps)
+        if on_error == "raise":
+            for err in group.errors:
+                if err is not None:
+                    raise err
+        scores = self.scorer.score([group])[0]
+        return [
+            _result(r, steps, s, e)
+            for r, steps, s, e in zip(responses, group.steps, scores, group.errors, strict=True)
+        ]
+
+    def select_best(
+        self,
+        question: str,
+        responses: Sequence[str | Sequence[str]],
+        images: Any = None,
+        max_steps: int | None = 12,
+    ) -> list[tuple[str | Sequence[str], float]]:
+        """``[(response, score), ...]`` best first; ties keep input order (a stable sort)."""
+        results = self.score(question, responses, images, max_steps)
+        order = sorted(range(len(results)), key=lambda i: -results[i].score)
+        return [(responses[i], results[i].score) for i in order]
+
+
+def _result(response, steps, scores: np.ndarray | None, error: RowError | None) -> ScoredResponse:
+    if scores is None:
+        return ScoredResponse(response, steps, [], None, error=str(error) if error else "not scored")
+    values = [float(x) for x in scores]
+    return ScoredResponse(
+        response,
+        steps,
+        values,
+        float(np.mean(scores, dtype=np.float64)) if values else math.nan,
+        score_min=min(values),
+        score_last=values[-1],
+    )
+
+
+def resolve_model_source(source: str | Path) -> Path:
+    """A local directory for a model source: a directory as is, otherwise a hub id (where reachable)."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    text = str(source)
+    if "://" in text:
+        raise ValueError(f"model source {text}: only local directories and hub ids are supported")
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"])
+    )
