@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format clean
+.PHONY: setup test lint format clean demo
 
 setup: $(STAMP)
 
@@ -23,9 +23,13 @@ lint: setup
 test: lint
 	$(BIN)/pytest -m "not gpu" -q
 
+# The README's main command: sample data + tiny checkpoint + the full Ray job on this machine.
+demo: setup
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/visualprm-ray demo --workdir visualprm-demo
+
 format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache visualprm-demo

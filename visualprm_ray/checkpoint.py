@@ -289,22 +289,56 @@ def weights_fingerprint(directory: str | Path) -> str:
 # Loading
 
 
-def _checkpoint_info(layout: Layout, config: dict[str, Any], native: InternVLConfig) -> CheckpointInfo:
-    vision = native.vision_config
-    text = native.text_config
+def _size(value: Any) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def read_info(config: dict[str, Any], tokenizer: Tokenizer) -> CheckpointInfo:
+    """What the CPU side needs to know, from config.json alone (no torch, no transformers).
+
+    The preparation actors tokenize and tile without ever loading weights, so this must not depend
+    on the model classes; :func:`load_checkpoint` cross-checks it against the built model.
+    """
+    layout = detect_layout(config)
+    image_token_id = tokenizer.token_to_id(IMG_CONTEXT)
+    if layout == "upstream":
+        vision, text = config["vision_config"], config["llm_config"]
+        image_size = _size(vision.get("image_size", config.get("force_image_size", 448)))
+        per_tile = _tokens_per_tile(
+            image_size, _size(vision["patch_size"]), config.get("downsample_ratio", 0.5)
+        )
+    else:
+        vision, text = config["vision_config"], config["text_config"]
+        image_size = _size(vision.get("image_size", 448))
+        per_tile = int(config.get("image_seq_length", 256))
+        if config.get("image_token_id", image_token_id) != image_token_id:
+            raise CheckpointError(
+                f"config image_token_id {config.get('image_token_id')} != tokenizer id of {IMG_CONTEXT}"
+            )
     return CheckpointInfo(
         layout=layout,
         system_message=config.get("system_message") or DEFAULT_SYSTEM_MESSAGE,
         template=config.get("template", "internvl2_5"),
-        image_size=vision.image_size[0],
-        image_tokens_per_tile=native.image_seq_length,
+        image_size=image_size,
+        image_tokens_per_tile=per_tile,
         min_tiles=config.get("min_dynamic_patch", 1),
         max_tiles=config.get("max_dynamic_patch", 12),
         use_thumbnail=config.get("use_thumbnail", True),
-        max_context=text.max_position_embeddings,
-        image_token_id=native.image_token_id,
+        max_context=int(text.get("max_position_embeddings", 32768)),
+        image_token_id=image_token_id,
         config=config,
     )
+
+
+def load_preprocessing(
+    directory: str | Path, tokenizer_kind: Literal["auto", "sentencepiece", "tokenizers"] = "auto"
+) -> tuple[Tokenizer, CheckpointInfo]:
+    """Tokenizer and checkpoint facts for the CPU stage, without loading any weights."""
+    from visualprm_ray.tokenizer import load_tokenizer
+
+    directory = Path(directory)
+    tokenizer = load_tokenizer(directory, tokenizer_kind)
+    return tokenizer, read_info(read_config(directory), tokenizer)
 
 
 def build_model(config: InternVLConfig, *, dtype: torch.dtype, device: str, attn_implementation: str):
@@ -402,22 +436,21 @@ def load_checkpoint(
     tokenizer_kind: Literal["auto", "sentencepiece", "tokenizers"] = "auto",
 ) -> LoadedCheckpoint:
     """Load a local checkpoint directory, upstream or native layout, without running its code."""
-    from visualprm_ray.tokenizer import load_tokenizer
-
     directory = Path(directory)
-    config = read_config(directory)
-    layout = detect_layout(config)
-    tokenizer = load_tokenizer(directory, tokenizer_kind)
+    tokenizer, info = load_preprocessing(directory, tokenizer_kind)
     torch_dtype = resolve_dtype(dtype)
-    if layout == "upstream":
-        model, native = _load_upstream(directory, config, tokenizer, torch_dtype, device, attn_implementation)
+    if info.layout == "upstream":
+        model, native = _load_upstream(
+            directory, info.config, tokenizer, torch_dtype, device, attn_implementation
+        )
     else:
         model, native = _load_native(directory, torch_dtype, device, attn_implementation)
-        if native.image_token_id != tokenizer.token_to_id(IMG_CONTEXT):
-            raise CheckpointError(
-                f"config image_token_id {native.image_token_id} != tokenizer id of {IMG_CONTEXT}"
-            )
-    return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=_checkpoint_info(layout, config, native))
+    if (native.image_seq_length, native.image_token_id) != (info.image_tokens_per_tile, info.image_token_id):
+        raise CheckpointError(
+            f"image tokens per tile / image token id disagree between config.json ({info.image_tokens_per_tile}, "
+            f"{info.image_token_id}) and the built model ({native.image_seq_length}, {native.image_token_id})"
+        )
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=info)
 
 
 def write_tiny_checkpoint(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
+    from visualprm_ray.storage import StorageOptions
+
 # 12 tiles of 448x448 need ~2.4 MP; 64 MP leaves room for scans and screenshots.
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -56,16 +58,21 @@ class _pil_bomb_check_off:
         Image.MAX_IMAGE_PIXELS = self._saved
 
 
-def read_uri_bytes(uri: str, *, root: str | None = None, storage_options: dict | None = None) -> bytes:
+def read_uri_bytes(uri: str, *, root: str | None = None, options: StorageOptions | None = None) -> bytes:
     """Bytes of a local path or any fsspec URI (``s3://``, ``gs://``...), relative paths under ``root``."""
-    import fsspec
+    from visualprm_ray.storage import fsspec_filesystem, with_retries
 
     if "://" not in uri and not Path(uri).is_absolute() and root:
         uri = root.rstrip("/") + "/" + uri
-    try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+    fs, path = fsspec_filesystem(uri, options)
+
+    def read() -> bytes:
+        with fs.open(path, "rb") as f:
             return f.read()
-    except FileNotFoundError as exc:
+
+    try:
+        return with_retries(read, what=f"reading image {uri}", retries=options.retries if options else 5)
+    except (FileNotFoundError, IsADirectoryError) as exc:
         raise ImageError(f"image not found: {uri}") from exc
 
 
@@ -73,12 +80,15 @@ def load_image(
     obj: Any,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_bytes: int | None = None,
     root: str | None = None,
-    storage_options: dict | None = None,
+    options: StorageOptions | None = None,
 ) -> Image.Image:
     """A PIL image from a PIL image, encoded bytes, a HF ``{bytes, path}`` dict, or a path/URI."""
     from PIL import Image
 
+    if isinstance(obj, (bytes, bytearray, memoryview)) and max_bytes is not None and len(obj) > max_bytes:
+        raise ImageError(f"image has {len(obj)} bytes, over the limit of {max_bytes}")
     if isinstance(obj, Image.Image):
         width, height = obj.size
         if max_pixels is not None and width * height > max_pixels:
@@ -88,6 +98,8 @@ def load_image(
         return open_image_bytes(bytes(obj), max_pixels=max_pixels)
     if isinstance(obj, dict):
         if obj.get("bytes"):
+            if max_bytes is not None and len(obj["bytes"]) > max_bytes:
+                raise ImageError(f"image has {len(obj['bytes'])} bytes, over the limit of {max_bytes}")
             return open_image_bytes(obj["bytes"], max_pixels=max_pixels, name=obj.get("path") or "image")
         if obj.get("path"):
             obj = obj["path"]
@@ -95,6 +107,8 @@ def load_image(
             raise ImageError("image struct has neither bytes nor path")
     if isinstance(obj, (str, Path)):
         uri = str(obj)
-        data = read_uri_bytes(uri, root=root, storage_options=storage_options)
+        data = read_uri_bytes(uri, root=root, options=options)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ImageError(f"{uri} has {len(data)} bytes, over the limit of {max_bytes}")
         return open_image_bytes(data, max_pixels=max_pixels, name=uri)
     raise ImageError(f"unsupported image value of type {type(obj).__name__}")

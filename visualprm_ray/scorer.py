@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from visualprm_ray.checkpoint import LoadedCheckpoint
+    from visualprm_ray.storage import StorageOptions
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -429,14 +430,19 @@ def _result(response, steps, scores: np.ndarray | None, error: RowError | None) 
     )
 
 
-def resolve_model_source(source: str | Path) -> Path:
-    """A local directory for a model source: a directory as is, otherwise a hub id (where reachable)."""
+def resolve_model_source(
+    source: str | Path, *, storage: StorageOptions | None = None, cache_dir: str | None = None
+) -> Path:
+    """A local directory for a model source: a directory as is, an object-store prefix downloaded
+    once per node into the cache, otherwise a hub id (where a hub is reachable)."""
     path = Path(source)
     if path.is_dir():
         return path
     text = str(source)
     if "://" in text:
-        raise ValueError(f"model source {text}: only local directories and hub ids are supported")
+        from visualprm_ray.storage import local_model_dir
+
+        return local_model_dir(text, storage, cache_dir)
     from huggingface_hub import snapshot_download
 
     return Path(

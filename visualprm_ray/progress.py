@@ -1,0 +1,100 @@
+"""Progress a person watching a long job wants: a periodic line that reads well in non-TTY logs.
+
+Scoring actors report counts to one small named actor (fire-and-forget, so reporting never slows
+scoring); the driver prints ``scored / errored / rows/s`` every ``progress_interval_s`` seconds.
+Ray Data's own progress bars stay on for terminals.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressCounter:
+        def __init__(self) -> None:
+            self.counts: dict[str, float] = {"scored": 0, "errored": 0, "tokens": 0}
+
+        def add(self, **counts: int) -> None:
+            for k, v in counts.items():
+                self.counts[k] = self.counts.get(k, 0) + v
+            # Wall-clock times of the first and last report: start-up vs steady-state throughput.
+            now = time.time()
+            if "first_report" not in self.counts:
+                self.counts["first_report"] = now
+                self.counts["first_batch"] = counts.get("scored", 0)
+            self.counts["last_report"] = now
+
+        def snapshot(self) -> dict[str, float]:
+            return dict(self.counts)
+
+    return ProgressCounter
+
+
+class ProgressReporter:
+    """The scoring actors' side: adds counts to the job's counter actor."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    @classmethod
+    def connect(cls, name: str) -> ProgressReporter | None:
+        import ray
+
+        try:
+            return cls(ray.get_actor(name))
+        except ValueError:  # no counter (a test running the stage alone): report nothing
+            return None
+
+    def add(self, **counts: int) -> None:
+        self.handle.add.remote(**counts)
+
+
+class ProgressPrinter:
+    """The driver's side: owns the counter actor and prints a line every ``interval`` seconds."""
+
+    def __init__(self, name: str, interval: float, total: int | None = None, emit=print) -> None:
+        self.name = name
+        self.interval = interval
+        self.total = total
+        self.emit = emit
+        self.actor = _actor_class().options(name=name, lifetime=None).remote()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="visualprm-progress")
+        self.start_time = time.monotonic()
+
+    def snapshot(self) -> dict[str, int]:
+        import ray
+
+        return ray.get(self.actor.snapshot.remote())
+
+    def line(self) -> str:
+        counts = self.snapshot()
+        elapsed = max(time.monotonic() - self.start_time, 1e-9)
+        done = counts["scored"] + counts["errored"]
+        total = f"/{self.total}" if self.total is not None else ""
+        return (
+            f"[visualprm-ray] {done}{total} candidates done: {counts['scored']} scored, "
+            f"{counts['errored']} errored, {counts['scored'] / elapsed:.2f} rows/s, "
+            f"{counts['tokens'] / elapsed:.0f} tokens/s, {elapsed:.0f}s elapsed"
+        )
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.emit(self.line())
+            except Exception as exc:  # progress must never take the job down
+                self.emit(f"[visualprm-ray] progress unavailable: {exc}")
+
+    def __enter__(self) -> ProgressPrinter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

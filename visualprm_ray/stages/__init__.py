@@ -1,0 +1,45 @@
+"""The job's stages, one file each, in data-flow order: read -> prepare -> score -> aggregate -> write.
+
+Between stages a row is one *group* (a question, its images and all its candidates), so a group's
+candidates never part ways before the write: ranks need the whole group, and the write commits a
+group's rows together. Internal columns carry the ``_vp_`` prefix so they can never collide with
+the user's passthrough columns.
+"""
+
+ID = "_vp_id"
+QUESTION = "_vp_question"
+IMAGE = "_vp_image"
+RESPONSES = "_vp_responses"
+STEPS = "_vp_steps"
+CANDIDATE_INDEX = "_vp_candidate_index"
+FILE = "_vp_file"
+
+# Written by prepare, read by score.
+PREFIX = "_vp_prefix"
+SUFFIXES = "_vp_suffixes"
+POSITIONS = "_vp_positions"
+TILES = "_vp_tiles"
+NUM_TILES = "_vp_num_tiles"
+TILE_SIZE = "_vp_tile_size"
+NUM_TOKENS = "_vp_num_tokens"
+NUM_STEPS = "_vp_num_steps"
+RESPONSE_TEXT = "_vp_response_text"
+CANDIDATE_ERROR = "_vp_candidate_error"
+CANDIDATE_ERROR_STAGE = "_vp_candidate_error_stage"
+
+# Written by score.
+STEP_SCORES = "_vp_step_scores"
+
+# Columns that are too heavy to carry past the stage that consumes them.
+PREPARED_ONLY = (PREFIX, SUFFIXES, POSITIONS, TILES, TILE_SIZE)
+
+# A problem of the whole group (its images, its question), written to every candidate row.
+GROUP_ERROR = "_vp_group_error"
+GROUP_ERROR_STAGE = "_vp_group_error_stage"
+
+# Written by aggregate.
+SCORE = "_vp_score"
+SCORE_MIN = "_vp_score_min"
+SCORE_LAST = "_vp_score_last"
+RANK = "_vp_rank"
+IS_BEST = "_vp_is_best"
