@@ -1,0 +1,405 @@
+"""The 8B scorer on a GPU: upstream-style loop vs the project's scorer, same inputs, same model.
+
+Builds VisualPRM-8B's architecture (InternViT-300M + a Llama-shaped 7.7B language model with the
+real config sizes) with random bf16 weights directly on the device (nothing is downloaded), makes
+groups of candidates for 13-tile images, then measures:
+  - the upstream-style loop: one full forward per candidate, image re-encoded every time;
+  - the project's scorer (vision once, prefix once, tree-packed candidates) per attention backend;
+  - the max difference between the two paths' step scores, and a float32 parity check on a
+    real-width, reduced-depth model;
+  - rollouts/s, MFU from the FLOP count against a measured bf16 matmul peak, and peak memory.
+`--tiny` runs the same code on the CPU with the tiny test sizes, so the script cannot rot.
+Usage: python benchmarks/gpu_scorer.py [--tiny] [--groups 16] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REAL_LLM = {
+    "vocab_size": 92553,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+REAL_VISION = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
+
+
+def upstream_config(llm: dict, vision: dict) -> dict:
+    """An upstream-layout config.json dict with the given sizes (VisualPRM-8B's other values)."""
+    return {
+        "downsample_ratio": 0.5,
+        "force_image_size": 448,
+        "max_dynamic_patch": 12,
+        "min_dynamic_patch": 1,
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "internvl2_5",
+        "use_thumbnail": True,
+        "llm_config": {
+            "architectures": ["InternLM2ForCausalLM"],
+            "hidden_act": "silu",
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-5,
+            "bias": False,
+            "rope_theta": 1000000,
+            "rope_scaling": {"type": "dynamic", "factor": 2.0},
+            **llm,
+        },
+        "vision_config": {
+            "image_size": 448,
+            "patch_size": 14,
+            "qkv_bias": True,
+            "qk_normalization": False,
+            "norm_type": "layer_norm",
+            "layer_norm_eps": 1e-6,
+            "hidden_act": "gelu",
+            **vision,
+        },
+    }
+
+
+def build_checkpoint(config: dict, tokenizer, *, dtype: str, device: str):
+    import torch
+
+    from visualprm_ray.checkpoint import (
+        LoadedCheckpoint,
+        build_model,
+        native_config_from_upstream,
+        read_info,
+        resolve_dtype,
+    )
+    from visualprm_ray.prompt import IMG_CONTEXT
+
+    native = native_config_from_upstream(config, image_token_id=tokenizer.token_to_id(IMG_CONTEXT))
+    torch.manual_seed(0)
+    model = build_model(native, dtype=resolve_dtype(dtype), device=device, attn_implementation="sdpa")
+    return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=read_info(config, tokenizer))
+
+
+def make_groups(prm, tokenizer, *, groups: int, candidates: int, response_tokens: int, seed: int = 0):
+    from PIL import Image, ImageDraw
+
+    from visualprm_ray.tiny_checkpoint import _WORDS
+
+    rng = random.Random(seed)
+    out = []
+    for g in range(groups):
+        img = Image.new("RGB", (1600, 1200), "white")  # 4:3 -> 12 tiles + thumbnail = 13
+        draw = ImageDraw.Draw(img)
+        for _ in range(20):
+            draw.line([(rng.randrange(1600), rng.randrange(1200)) for _ in range(2)], fill=(0, 0, 0), width=4)
+        responses = []
+        for _ in range(candidates):
+            steps, tokens = [], 0
+            while tokens < response_tokens:
+                step = f"Step {len(steps) + 1}: " + " ".join(rng.choice(_WORDS) for _ in range(30))
+                tokens += len(tokenizer.encode(step, add_bos=False)) + 12  # + the turn's markers
+                steps.append(step)
+            responses.append(steps)
+        question = f"Question {g}: in the figure, find the area of triangle ABC. " + " ".join(
+            rng.choice(_WORDS) for _ in range(20)
+        )
+        out.append((question, responses, img))
+    return out
+
+
+def flops_per_token(model) -> tuple[float, float]:
+    """2 x parameters for the language model (without embeddings and head) and per vision token."""
+    lm = model.model.language_model
+    lm_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n)
+    vision_params = sum(p.numel() for p in model.model.vision_tower.parameters())
+    proj_params = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
+    return 2.0 * lm_params, 2.0 * vision_params + 2.0 * proj_params / 4  # projector runs on 1/4 of tokens
+
+
+def work_of(prepared, model, cfg) -> dict:
+    """FLOPs of our path and of upstream's loop for prepared groups (matmuls + attention)."""
+    lm_tok, vis_tok = flops_per_token(model)
+    text = model.config.text_config
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    patches = (448 // 14) ** 2 + 1
+    vcfg = model.config.vision_config
+    vis_attn_per_tile = 4.0 * patches * patches * vcfg.hidden_size * vcfg.num_hidden_layers
+    ours = upstream = 0.0
+    tokens_ours = tokens_up = tiles_total = 0
+    for group in prepared:
+        tiles = len(group.tiles)
+        vision = tiles * (patches * vis_tok + vis_attn_per_tile)
+        p = len(group.prefix)
+        suffixes = [len(s) for s in group.suffixes]
+        # causal attention: 2 matmuls x 2 FLOPs x L^2/2 x hidden per layer
+        ours += vision + (p + sum(suffixes)) * lm_tok
+        ours += 2.0 * layers * hidden * (p * p + sum(s * (2 * p + s) for s in suffixes))
+        for s in suffixes:
+            length = p + s
+            upstream += vision + length * lm_tok + 2.0 * layers * hidden * length * length
+            upstream += 2.0 * length * hidden * vocab  # the full-vocabulary head upstream computes
+            tokens_up += length
+        tokens_ours += p + sum(suffixes)
+        tiles_total += tiles
+    return {
+        "flops_ours": ours,
+        "flops_upstream": upstream,
+        "lm_tokens_ours": tokens_ours,
+        "lm_tokens_upstream": tokens_up,
+        "tiles_ours": tiles_total,
+        "tiles_upstream": tiles_total * len(prepared[0].suffixes),
+    }
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_peak(device: str) -> float | None:
+    import torch
+
+    if not device.startswith("cuda"):
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 10 * 2 * 8192**3 / (time.perf_counter() - start)
+
+
+def set_attention(model, impl: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # older transformers: the attention modules read the config at call time
+        for cfg in (model.config, model.config.text_config, model.config.vision_config):
+            cfg._attn_implementation = impl
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny sizes (for the test suite)")
+    parser.add_argument("--groups", type=int, default=16)
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--response-tokens", type=int, default=400)
+    parser.add_argument("--upstream-groups", type=int, default=4, help="groups the slow loop scores")
+    parser.add_argument("--token-budget", type=int, default=32768)
+    parser.add_argument("--attn", default="sdpa,flex_attention", help="comma-separated backends to time")
+    parser.add_argument("--fp32-layers", type=int, default=2, help="depth of the float32 parity model")
+    parser.add_argument(
+        "--budgets", default="", help="extra token budgets to time with sdpa, comma-separated"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top device kernels of one scorer call"
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from visualprm_ray.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.reference import naive_step_scores
+    from visualprm_ray.scorer import GroupScorer, VisualPRM
+    from visualprm_ray.tiny_checkpoint import TINY_LLM, TINY_VISION
+    from visualprm_ray.tokenizer import load_tokenizer
+
+    device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        args.groups, args.upstream_groups, args.response_tokens = min(args.groups, 2), 1, 60
+        args.attn = "sdpa"
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_tokenizer(write_tiny_checkpoint(tmp))
+    llm = dict(REAL_LLM)
+    if args.tiny:
+        llm = {**TINY_LLM, "vocab_size": REAL_LLM["vocab_size"] // 100}
+    vision = TINY_VISION if args.tiny else REAL_VISION
+    report: dict = {
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "args": vars(args) | {"json": str(args.json)},
+    }
+    results: list[dict] = []
+
+    # --- float32 parity on a real-width, reduced-depth model (exactness, not speed) -------------
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    depth = {"num_hidden_layers": args.fp32_layers}
+    ck32 = build_checkpoint(
+        upstream_config(llm | depth, vision | depth), tokenizer, dtype="float32", device=device
+    )
+    prm32 = VisualPRM(ck32, token_budget=args.token_budget)
+    question, responses, image = make_groups(
+        prm32, tokenizer, groups=1, candidates=args.candidates, response_tokens=min(args.response_tokens, 200)
+    )[0]
+    fast = prm32.score(question, responses, image)
+    tiles = prm32.tile(image)
+    diff32 = max(
+        float(np.abs(np.asarray(r.step_scores) - naive_step_scores(ck32, question, steps, tiles)).max())
+        for r, steps in zip(fast, responses, strict=True)
+    )
+    report["fp32_parity_max_diff"] = diff32
+    print(f"float32 parity ({args.fp32_layers}-layer real-width model): max |fast - naive| = {diff32:.2e}")
+    del ck32, prm32, fast
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    # --- the full-size bf16 model ---------------------------------------------------------------
+    start = time.perf_counter()
+    ck = build_checkpoint(upstream_config(llm, vision), tokenizer, dtype="bfloat16", device=device)
+    sync(device)
+    report["build_s"] = round(time.perf_counter() - start, 1)
+    prm = VisualPRM(ck, token_budget=args.token_budget)
+    data = make_groups(
+        prm, tokenizer, groups=args.groups, candidates=args.candidates, response_tokens=args.response_tokens
+    )
+    start = time.perf_counter()
+    prepared = [prm.prepare(q, r, img) for q, r, img in data]
+    report["prepare_s_per_group"] = (time.perf_counter() - start) / len(prepared)
+    work = work_of(prepared, ck.model, ck.model.config)
+    report["work"] = work
+    peak = measure_peak(device)
+    report["peak_matmul_flops"] = peak
+    rollouts = sum(g.num_candidates for g in prepared)
+    mean_prefix = float(np.mean([len(g.prefix) for g in prepared]))
+    mean_suffix = float(np.mean([len(s) for g in prepared for s in g.suffixes]))
+    print(
+        f"{len(prepared)} groups x {args.candidates} candidates, {len(prepared[0].tiles)} tiles, "
+        f"prefix {mean_prefix:.0f} tokens, suffix {mean_suffix:.0f} tokens; model built in {report['build_s']} s"
+    )
+
+    # --- upstream-style loop on the first groups ------------------------------------------------
+    up_groups = data[: args.upstream_groups]
+    naive_scores = []
+    naive_step_scores(ck, up_groups[0][0], up_groups[0][1][0], prm.tile(up_groups[0][2]))  # warm-up
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    for q, resp, img in up_groups:
+        tiles = prm.tile(img)  # upstream tiles per call too; keep it in the timed region
+        naive_scores.append([naive_step_scores(ck, q, steps, tiles) for steps in resp])
+    sync(device)
+    up_time = time.perf_counter() - start
+    n_up = sum(len(r) for _, r, _ in up_groups)
+    up_flops = work["flops_upstream"] * len(up_groups) / len(prepared)
+    results.append(
+        {
+            "path": "upstream loop",
+            "rollouts": n_up,
+            "seconds": up_time,
+            "rollouts_per_s": n_up / up_time,
+            "mfu": (up_flops / up_time / peak) if peak else None,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "max_diff_vs_upstream": 0.0,
+        }
+    )
+
+    # --- the project's scorer per attention backend -----------------------------------------------
+    for impl in [a.strip() for a in args.attn.split(",") if a.strip()]:
+        try:
+            set_attention(ck.model, impl)
+            scorer = GroupScorer(ck, token_budget=args.token_budget)
+            scorer.score(prepared[:2])  # warm-up (flex compiles here)
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            start = time.perf_counter()
+            scored = scorer.score(prepared)
+            sync(device)
+            elapsed = time.perf_counter() - start
+        except Exception as exc:  # a backend missing on this machine is reported, not fatal
+            results.append({"path": f"ours ({impl})", "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
+        diff = max(
+            float(np.abs(a - b).max())
+            for g in range(len(up_groups))
+            for a, b in zip(scored[g], naive_scores[g], strict=True)
+        )
+        results.append(
+            {
+                "path": f"ours ({impl})",
+                "rollouts": rollouts,
+                "seconds": elapsed,
+                "rollouts_per_s": rollouts / elapsed,
+                "mfu": (work["flops_ours"] / elapsed / peak) if peak else None,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+                "max_diff_vs_upstream": diff,
+            }
+        )
+    set_attention(ck.model, "sdpa")
+    for budget in [int(b) for b in args.budgets.split(",") if b.strip()]:
+        scorer = GroupScorer(ck, token_budget=budget)
+        scorer.score(prepared[:2])
+        sync(device)
+        start = time.perf_counter()
+        scorer.score(prepared)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        results.append(
+            {
+                "path": f"ours (sdpa, budget {budget})",
+                "rollouts": rollouts,
+                "seconds": elapsed,
+                "rollouts_per_s": rollouts / elapsed,
+                "mfu": (work["flops_ours"] / elapsed / peak) if peak else None,
+                "peak_mem_gib": None,
+                "max_diff_vs_upstream": float("nan"),
+            }
+        )
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        scorer = GroupScorer(ck, token_budget=args.token_budget)
+        with profile(activities=activities) as prof:
+            scorer.score(prepared[:4])
+            sync(device)
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+
+    report["results"] = results
+    print(f"\ndevice: {report['device']}, torch {report['torch']}, transformers {report['transformers']}")
+    if peak:
+        print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
+    print(
+        f"work per group: ours {work['flops_ours'] / len(prepared) / 1e12:.1f} TFLOP, "
+        f"upstream {work['flops_upstream'] / len(prepared) / 1e12:.1f} TFLOP"
+    )
+    print(f"{'path':<24} {'rollouts/s':>10} {'MFU':>6} {'peak GiB':>9} {'max|diff|':>10}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']:<24} failed: {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        print(
+            f"{r['path']:<24} {r['rollouts_per_s']:>10.2f} {mfu:>6} {mem:>9} {r['max_diff_vs_upstream']:>10.2e}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
