@@ -203,7 +203,16 @@ def main() -> None:
     parser.add_argument("--response-tokens", type=int, default=400)
     parser.add_argument("--upstream-groups", type=int, default=4, help="groups the slow loop scores")
     parser.add_argument("--token-budget", type=int, default=32768)
-    parser.add_argument("--attn", default="sdpa,flex_attention", help="comma-separated backends to time")
+    parser.add_argument(
+        "--variants",
+        default="prefix_cache:sdpa,prefix_cache:sdpa/no_cudnn,packed:sdpa,packed:flex_attention",
+        help="comma-separated MODE:ATTENTION[/no_cudnn] variants to time (modes: packed, prefix_cache)",
+    )
+    parser.add_argument(
+        "--fresh-shapes",
+        action="store_true",
+        help="time every variant on its own freshly drawn groups, so no kernel plan is reused across variants",
+    )
     parser.add_argument("--fp32-layers", type=int, default=2, help="depth of the float32 parity model")
     parser.add_argument(
         "--budgets", default="", help="extra token budgets to time with sdpa, comma-separated"
@@ -226,7 +235,7 @@ def main() -> None:
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:
         args.groups, args.upstream_groups, args.response_tokens = min(args.groups, 2), 1, 60
-        args.attn = "sdpa"
+        args.variants = "prefix_cache:sdpa,packed:sdpa"
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(write_tiny_checkpoint(tmp))
     llm = dict(REAL_LLM)
@@ -253,15 +262,19 @@ def main() -> None:
     question, responses, image = make_groups(
         prm32, tokenizer, groups=1, candidates=args.candidates, response_tokens=min(args.response_tokens, 200)
     )[0]
-    fast = prm32.score(question, responses, image)
     tiles = prm32.tile(image)
+    naive32 = [naive_step_scores(ck32, question, steps, tiles) for steps in responses]
+    group32 = prm32.prepare(question, responses, image)
     diff32 = max(
-        float(np.abs(np.asarray(r.step_scores) - naive_step_scores(ck32, question, steps, tiles)).max())
-        for r, steps in zip(fast, responses, strict=True)
+        float(np.abs(a - b).max())
+        for mode in ("packed", "prefix_cache")
+        for a, b in zip(GroupScorer(ck32, mode=mode).score([group32])[0], naive32, strict=True)
     )
     report["fp32_parity_max_diff"] = diff32
-    print(f"float32 parity ({args.fp32_layers}-layer real-width model): max |fast - naive| = {diff32:.2e}")
-    del ck32, prm32, fast
+    print(
+        f"float32 parity ({args.fp32_layers}-layer real-width model, both modes): max |fast - naive| = {diff32:.2e}"
+    )
+    del ck32, prm32
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -317,20 +330,34 @@ def main() -> None:
     )
 
     # --- the project's scorer per attention backend -----------------------------------------------
-    for impl in [a.strip() for a in args.attn.split(",") if a.strip()]:
+    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        mode, impl = variant.split(":")
+        impl, _, kernels = impl.partition("/")
+        timed_groups = prepared
+        if args.fresh_shapes:
+            seed = 1000 + len(results)
+            fresh = make_groups(
+                prm, tokenizer, groups=args.groups, candidates=args.candidates,
+                response_tokens=args.response_tokens, seed=seed,
+            )  # fmt: skip
+            timed_groups = [prm.prepare(q, r, img) for q, r, img in fresh]
         try:
             set_attention(ck.model, impl)
-            scorer = GroupScorer(ck, token_budget=args.token_budget)
+            scorer = GroupScorer(
+                ck, token_budget=args.token_budget, mode=mode, sdpa_kernels=kernels or "default"
+            )
             scorer.score(prepared[:2])  # warm-up (flex compiles here)
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
             start = time.perf_counter()
-            scored = scorer.score(prepared)
+            scored = scorer.score(timed_groups)
             sync(device)
             elapsed = time.perf_counter() - start
+            if args.fresh_shapes:
+                scored = scorer.score(prepared[: len(up_groups)])
         except Exception as exc:  # a backend missing on this machine is reported, not fatal
-            results.append({"path": f"ours ({impl})", "error": f"{type(exc).__name__}: {exc}"[:300]})
+            results.append({"path": f"ours ({variant})", "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         diff = max(
             float(np.abs(a - b).max())
@@ -339,7 +366,7 @@ def main() -> None:
         )
         results.append(
             {
-                "path": f"ours ({impl})",
+                "path": f"ours ({variant})",
                 "rollouts": rollouts,
                 "seconds": elapsed,
                 "rollouts_per_s": rollouts / elapsed,
@@ -350,7 +377,7 @@ def main() -> None:
         )
     set_attention(ck.model, "sdpa")
     for budget in [int(b) for b in args.budgets.split(",") if b.strip()]:
-        scorer = GroupScorer(ck, token_budget=budget)
+        scorer = GroupScorer(ck, token_budget=budget)  # the default mode
         scorer.score(prepared[:2])
         sync(device)
         start = time.perf_counter()
@@ -359,7 +386,7 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         results.append(
             {
-                "path": f"ours (sdpa, budget {budget})",
+                "path": f"ours (default, budget {budget})",
                 "rollouts": rollouts,
                 "seconds": elapsed,
                 "rollouts_per_s": rollouts / elapsed,
@@ -387,10 +414,10 @@ def main() -> None:
         f"work per group: ours {work['flops_ours'] / len(prepared) / 1e12:.1f} TFLOP, "
         f"upstream {work['flops_upstream'] / len(prepared) / 1e12:.1f} TFLOP"
     )
-    print(f"{'path':<24} {'rollouts/s':>10} {'MFU':>6} {'peak GiB':>9} {'max|diff|':>10}")
+    print(f"{'path':<34} {'rollouts/s':>10} {'MFU':>6} {'peak GiB':>9} {'max|diff|':>10}")
     for r in results:
         if "error" in r:
-            print(f"{r['path']:<24} failed: {r['error']}")
+            print(f"{r['path']:<34} failed: {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"

@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=48)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--shards", type=int, default=3)
+    parser.add_argument(
+        "--set", action="append", default=[], help="job config override, e.g. runtime.num_scorers=1"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -53,7 +56,12 @@ def main() -> None:
         ray_start = time.perf_counter() - start
         config = JobConfig.from_sources(
             None,
-            ["model.dtype=float32", "runtime.cpus_per_preparer=0.5", "runtime.progress_interval_s=3600"],
+            [
+                "model.dtype=float32",
+                "runtime.cpus_per_preparer=0.5",
+                "runtime.progress_interval_s=3600",
+                *args.set,
+            ],
             input_uri=str(root / "in"),
             output_uri=str(root / "out"),
             model_source=str(model),
@@ -72,6 +80,7 @@ def main() -> None:
         "ray_init_s": ray_start,
         "job_first_result_s": manifest["timings"]["first_result_s"],
         "job_steady_rows_per_s": manifest["timings"]["steady_rows_per_s"],
+        "job_stage_busy_s": manifest["timings"]["stage_busy_s"],
     }
     print(f"Ray job vs in-process scorer, tiny checkpoint, CPU float32, {result['machine']}")
     print(f"{'path':<12} {'rows':>5} {'seconds':>8} {'rows/s':>7}")
@@ -84,6 +93,10 @@ def main() -> None:
     print(
         f"job start-up to first scored batch: {result['job_first_result_s']:.1f}s; steady state "
         f"{steady:.2f} rows/s = {steady * in_process / rows:.2f} of in-process"
+    )
+    busy = result["job_stage_busy_s"]
+    print(
+        f"busy time by stage (summed over actors): prepare {busy['prepare']:.1f}s, score {busy['score']:.1f}s"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -1,6 +1,9 @@
-"""Prefix sharing on CPU: one group call vs one call per candidate, tiny checkpoint.
+"""Prefix sharing on CPU: one group call vs one call per candidate, tiny checkpoint; and work accounting.
 
-Prints a table and writes JSON. The tiny checkpoint keeps the real image geometry (448-px tiles,
+Part 1 times `VisualPRM.score` on a whole group against one call per candidate. Part 2 counts the
+exact work per group (language-model tokens and vision tiles computed) by this project's scorer
+vs upstream's one-forward-per-candidate loop, over a grid of tiles x candidates x response length,
+from the prepared token sequences themselves. Prints tables and writes JSON. The tiny checkpoint keeps the real image geometry (448-px tiles,
 256 image tokens each), so the image-token prefix is as long as the real model's; only the layer
 sizes are tiny. Usage: python benchmarks/scorer_cpu.py [--candidates 8] [--repeats 3] [--json FILE]
 """
@@ -35,6 +38,54 @@ def _responses(n: int) -> list[str]:
         f"Step {i}: the side AB is {i + 3} cm, so the area grows by {2 * i + 1} units." for i in range(6)
     ]
     return ["\n\n".join([*steps[: 3 + k % 3], f"Final answer: \\boxed{{{k * 7}}}"]) for k in range(n)]
+
+
+WORK_TILES = {
+    "text-only": None,
+    "448x448 (1 tile)": (448, 448),
+    "1024x512 (3 tiles)": (1024, 512),
+    "1600x1200 (13 tiles)": (1600, 1200),
+}
+WORK_CANDIDATES = (1, 4, 8, 16)
+WORK_LENGTHS = (100, 400)
+
+
+def _response_of(tokens: int, seed: int, tokenizer) -> str:
+    words = ["the", "area", "side", "angle", "is", "so", "we", "have", "+", "=", "3", "4", "5"]
+    steps, total, i = [], 0, seed
+    while total < tokens:
+        step = " ".join(words[(i + j * 7) % len(words)] for j in range(25))
+        total += len(tokenizer.encode(step, add_bos=False)) + 12
+        steps.append(step)
+        i += 1
+    return "\n\n".join(steps)
+
+
+def work_accounting(prm) -> list[dict]:
+    """LM tokens and vision tiles per group: ours (prefix once, each image once) vs upstream's loop."""
+    rows = []
+    for name, size in WORK_TILES.items():
+        image = _image(*size) if size else None
+        for length in WORK_LENGTHS:
+            responses = [_response_of(length, seed, prm.tokenizer) for seed in range(max(WORK_CANDIDATES))]
+            for n in WORK_CANDIDATES:
+                group = prm.prepare("In the figure, find the area of triangle ABC.", responses[:n], image)
+                tiles = len(group.tiles)
+                ours = len(group.prefix) + sum(len(s) for s in group.suffixes)
+                upstream = sum(group.sequence_length(k) for k in range(n))
+                rows.append(
+                    {
+                        "image": name,
+                        "response_tokens": length,
+                        "candidates": n,
+                        "lm_tokens_ours": ours,
+                        "lm_tokens_upstream": upstream,
+                        "tiles_ours": tiles,
+                        "tiles_upstream": tiles * n,
+                        "lm_ratio": round(upstream / ours, 2),
+                    }
+                )
+    return rows
 
 
 def main() -> None:
@@ -89,8 +140,18 @@ def main() -> None:
             f"{r['image']:<10} {r['tiles']:>5} {r['candidates']:>5} {r['group_call_s']:>8.3f} "
             f"{r['one_by_one_s']:>9.3f} {r['speedup']:>7.2f}x"
         )
+    work = work_accounting(prm)
+    print("\nwork per group: language-model tokens and vision tiles, ours vs upstream's loop")
+    print(
+        f"{'image':<22} {'resp tok':>8} {'cands':>5} {'LM ours':>8} {'LM upstream':>11} {'x':>5} {'tiles':>5} {'tiles up':>8}"
+    )
+    for w in work:
+        print(
+            f"{w['image']:<22} {w['response_tokens']:>8} {w['candidates']:>5} {w['lm_tokens_ours']:>8} "
+            f"{w['lm_tokens_upstream']:>11} {w['lm_ratio']:>5} {w['tiles_ours']:>5} {w['tiles_upstream']:>8}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows, "work": work}, indent=2))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ RESPONSES = [
 ]
 
 
+MODES = ["packed", "prefix_cache"]
+
+
 def _naive(prm: VisualPRM, question, responses, images, max_steps=12):
     group = prm.prepare(question, responses, images, max_steps=max_steps)
     tiles = prm.tile(images)
@@ -66,7 +69,13 @@ def _assert_close(fast, naive, tol=TOL):
         assert f.score == pytest.approx(float(np.mean(n)), abs=tol)
 
 
-def test_fast_path_matches_naive_single_image(prm):
+def _with_mode(prm: VisualPRM, mode: str) -> VisualPRM:
+    return VisualPRM(prm.checkpoint, prefix_mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_path_matches_naive_single_image(prm, mode):
+    prm = _with_mode(prm, mode)
     image = _diagram(800, 600, 0)  # 4:3 -> 12 tiles + thumbnail
     results = prm.score(QUESTION, RESPONSES, image)
     assert [len(r.steps) for r in results] == [4, 4, 1, 10, 1, 3]
@@ -76,13 +85,19 @@ def test_fast_path_matches_naive_single_image(prm):
     assert len({round(r.score, 4) for r in results}) > 3
 
 
-def test_fast_path_matches_naive_multi_image_and_text_only(prm):
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_path_matches_naive_multi_image_and_text_only(prm, mode):
+    prm = _with_mode(prm, mode)
     images = [_diagram(300, 900, 1), _diagram(500, 500, 2)]
     question = "Compare the two figures. Which has more triangles?"
     results = prm.score(question, RESPONSES[:3], images)
     _assert_close(results, _naive(prm, question, RESPONSES[:3], images))
     results = prm.score("What is 7 * 6?", RESPONSES, None)
     _assert_close(results, _naive(prm, "What is 7 * 6?", RESPONSES, None))
+
+
+def test_default_mode_is_prefix_cache_for_sdpa(prm):
+    assert prm.scorer.mode == "prefix_cache"
 
 
 def test_prefix_sharing_really_shares(prm):
@@ -109,19 +124,20 @@ def test_group_vs_one_by_one_vs_shuffled(prm):
         assert np.abs(np.subtract(r.step_scores, shuffled[j].step_scores)).max() < TOL
 
 
-def test_token_budget_split_and_multi_group_batches(ckpt_dir, prm):
-    """Tiny budgets force groups apart into several rows (prefix repeated) and several batches."""
+@pytest.mark.parametrize("mode", MODES)
+def test_token_budget_split_and_multi_group_batches(ckpt_dir, prm, mode):
+    """Tiny budgets force groups apart into several rows or chunks and several batches."""
     groups = [
         prm.prepare(QUESTION, RESPONSES, _diagram(800, 600, 0)),
         prm.prepare("What is 7 * 6?", RESPONSES[:4], None),
         prm.prepare(QUESTION, RESPONSES[1:3], [_diagram(200, 700, 4), _diagram(900, 300, 5)]),
     ]
-    baseline = GroupScorer(prm.checkpoint, token_budget=1 << 20).score(groups)
+    baseline = GroupScorer(prm.checkpoint, token_budget=1 << 20, mode="packed").score(groups)
     for budget in (64, 4000, 9000):
         plan = plan_batches(groups, budget)
         if budget == 64:
             assert sum(len(b.units) for b in plan) == sum(g.num_candidates for g in groups)
-        scored = GroupScorer(prm.checkpoint, token_budget=budget, vision_batch=5).score(groups)
+        scored = GroupScorer(prm.checkpoint, token_budget=budget, vision_batch=5, mode=mode).score(groups)
         for g_base, g_new in zip(baseline, scored, strict=True):
             for a, b in zip(g_base, g_new, strict=True):
                 assert np.abs(a - b).max() < TOL
@@ -130,8 +146,11 @@ def test_token_budget_split_and_multi_group_batches(ckpt_dir, prm):
         assert len(batch.units) * batch.width <= 9000 or len(batch.units) == 1
 
 
-def test_eager_attention_matches_sdpa(ckpt_dir, prm):
-    eager = VisualPRM.from_pretrained(ckpt_dir, device="cpu", dtype="float32", attn_implementation="eager")
+@pytest.mark.parametrize("mode", MODES)
+def test_eager_attention_matches_sdpa(ckpt_dir, prm, mode):
+    eager = VisualPRM.from_pretrained(
+        ckpt_dir, device="cpu", dtype="float32", attn_implementation="eager", prefix_mode=mode
+    )
     image = _diagram(500, 400, 6)
     a = prm.score(QUESTION, RESPONSES[:3], image)
     b = eager.score(QUESTION, RESPONSES[:3], image)
@@ -144,6 +163,9 @@ def test_flex_attention_block_mask_matches_sdpa(ckpt_dir, prm):
     flex = VisualPRM.from_pretrained(
         ckpt_dir, device="cpu", dtype="float32", attn_implementation="flex_attention"
     )
+    assert flex.scorer.mode == "packed"
+    with pytest.raises(ValueError, match="prefix_cache"):
+        GroupScorer(flex.checkpoint, mode="prefix_cache")
     image = _diagram(500, 400, 6)
     a = prm.score(QUESTION, RESPONSES, image)
     b = flex.score(QUESTION, RESPONSES, image)

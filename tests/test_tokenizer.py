@@ -158,3 +158,38 @@ def test_step_that_forges_a_marker_is_refused(sp_dir):
         find_score_positions(ids, tok, len(steps))
     with pytest.raises(ScorePositionError):
         find_score_positions(ids[:3], tok, 1)
+
+
+def test_shared_head_tokenized_once_equals_whole(sp_dir, json_dir):
+    from visualprm_ray.prompt import conversation_head, conversation_tail, render_question
+    from visualprm_ray.tokenizer import _safe_cut, encode_shared_head
+
+    for directory in (sp_dir, json_dir):
+        tok = load_tokenizer(directory)
+        for question, tiles in [("Area of <image>?", [2]), ("No image, 3 + 4?", []), ("Two.", [1, 3])]:
+            head = conversation_head(render_question(question, tiles, 4), "SYS")
+            tails = [conversation_tail(s) for s in (["a", "", "c"], ["x + y = 2"], ["\n\nleading"])]
+            expected = [tok.encode(head + t) for t in tails]
+            assert encode_shared_head(tok, head, tails) == expected
+            # The cut is after the last special token: with images, nearly all the head is shared.
+            if tiles:
+                assert _safe_cut(tok, head) > len(head) // 2
+
+
+def test_shared_head_respects_rstrip_tokens():
+    from visualprm_ray.tokenizer import _safe_cut, encode_shared_head
+
+    tok = Tokenizer(
+        encode_piece=lambda t: [ord(c) for c in t],
+        piece_id=lambda t: [ord(t)] if len(t) == 1 else [],
+        specials=[
+            SpecialToken("<|im_start|>", 100),
+            SpecialToken("<|im_end|>", 101),
+            SpecialToken("<R>", 103, rstrip=True),
+        ],
+        bos_id=1,
+        kind="test",
+    )
+    head = "a<|im_start|>b<R>"
+    assert _safe_cut(tok, head) == 0  # cutting after <R> would keep whitespace it strips
+    assert encode_shared_head(tok, head, ["  x"]) == [tok.encode(head + "  x")]

@@ -174,7 +174,7 @@ class ScoringConfig(BaseModel):
     max_steps: int | None = Field(
         12,
         ge=1,
-        description="Merge the pieces of a response beyond this many steps into the last one, as VisualPRM does; null disables merging.",
+        description="Most steps per response: beyond it, consecutive pieces are merged in chunks of ceil(pieces / max_steps), as VisualPRM does; null disables merging.",
     )
     token_budget: int = Field(
         16384,
@@ -182,9 +182,13 @@ class ScoringConfig(BaseModel):
         description="Padded tokens per forward pass of the language model (batch rows x longest row); at least 256.",
     )
     vision_batch: int = Field(16, ge=1, description="Image tiles per forward pass of the vision encoder.")
-    context_policy: Literal["error", "truncate"] = Field(
+    prefix_mode: Literal["auto", "packed", "prefix_cache"] = Field(
+        "auto",
+        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'packed' puts all candidates in one row with a tree mask; 'auto' picks prefix_cache unless attention is flex.",
+    )
+    context_policy: Literal["error"] = Field(
         "error",
-        description="A conversation longer than the model's context: 'error' records an error for it, 'truncate' scores the steps that fit.",
+        description="A conversation longer than the model's context: 'error' records a context_length error for that candidate.",
     )
     max_context: int | None = Field(
         None,

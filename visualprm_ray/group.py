@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from visualprm_ray.prompt import build_conversation, render_question, split_steps
-from visualprm_ray.tokenizer import Tokenizer, find_score_positions
+from visualprm_ray.prompt import conversation_head, conversation_tail, render_question, split_steps
+from visualprm_ray.tokenizer import Tokenizer, encode_shared_head, find_score_positions
 
 
 class RowError(ValueError):
@@ -109,21 +109,29 @@ def prepare_group(
         raise RowError("the group has no candidate responses")
     tile_counts = [int(t.shape[0]) for t in tiles_per_image]
     try:
-        render_question(question, tile_counts, image_tokens_per_tile)
+        head = conversation_head(
+            render_question(question, tile_counts, image_tokens_per_tile), system_message
+        )
     except ValueError as exc:
         raise RowError(str(exc)) from exc
     expected_image_tokens = sum(tile_counts) * image_tokens_per_tile
     empty = np.zeros(0, dtype=np.int64)
+    tails = [conversation_tail(s) if not isinstance(s, RowError) and s else "" for s in steps_per_candidate]
+    encoded = encode_shared_head(tokenizer, head, tails)
     sequences: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     errors: list[RowError | None] = []
-    for steps in steps_per_candidate:
+    for steps, ids in zip(steps_per_candidate, encoded, strict=True):
         try:
             if isinstance(steps, RowError):
                 raise steps
-            ids, pos = _tokenize_candidate(
-                question, steps, tile_counts, tokenizer, system_message, image_tokens_per_tile
-            )
+            if not steps:
+                raise RowError("a response needs at least one step")
+            ids = np.asarray(ids, dtype=np.int64)
+            try:
+                pos = find_score_positions(ids, tokenizer, len(steps))
+            except ValueError as exc:
+                raise RowError(str(exc)) from exc
             if max_context is not None and len(ids) > max_context:
                 raise ContextLengthError(
                     f"conversation has {len(ids)} tokens, over the context of {max_context}"
@@ -152,12 +160,3 @@ def prepare_group(
         steps=[list(s) if not isinstance(s, RowError) else [] for s in steps_per_candidate],
         errors=errors,
     )
-
-
-def _tokenize_candidate(question, steps, tile_counts, tokenizer, system_message, image_tokens_per_tile):
-    text = build_conversation(question, steps, tile_counts, system_message, image_tokens_per_tile)
-    ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    try:
-        return ids, find_score_positions(ids, tokenizer, len(steps))
-    except ValueError as exc:
-        raise RowError(str(exc)) from exc

@@ -58,7 +58,7 @@ def build_dataset(config: JobConfig, plan: ReadPlan, resources: Resources, *, pr
     ds = read_groups(config, plan, num_blocks=resources.num_blocks)
     ds = ds.map_batches(
         PrepareStage,
-        fn_constructor_kwargs={"config": config, "model_dir": config.model.source},
+        fn_constructor_kwargs={"config": config, "model_dir": config.model.source, "progress": progress},
         compute=ActorPoolStrategy(min_size=1, max_size=resources.num_preparers),
         num_cpus=rt.cpus_per_preparer,
         batch_size=rt.groups_per_batch,
@@ -294,6 +294,8 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
             # Start-up (Ray workers, model load) vs the rate once the scorers run.
             "first_result_s": final["first_report"] - started if "first_report" in final else None,
             "steady_rows_per_s": _steady_rate(final),
+            # Busy seconds summed over each stage's actors: where the time goes.
+            "stage_busy_s": {"prepare": final.get("prepare_s", 0.0), "score": final.get("score_s", 0.0)},
         },
         "versions": _versions(),
     }

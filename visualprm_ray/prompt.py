@@ -103,12 +103,30 @@ def build_conversation(
     question. One user turn per step (the first prefixed by the question), each followed by an
     assistant turn holding ``+``.
     """
+    head = conversation_head(
+        render_question(question, tiles_per_image, image_tokens_per_tile), system_message
+    )
+    return head + conversation_tail(steps)
+
+
+def conversation_head(rendered_question: str, system_message: str = DEFAULT_SYSTEM_MESSAGE) -> str:
+    """The text every candidate of a group shares: system turn and question, up to the first step."""
+    return (
+        SYSTEM_TEMPLATE.format(system_message=system_message)
+        + USER_ROLE
+        + QUESTION_HEADER
+        + rendered_question
+        + SOLUTION_HEADER
+    )
+
+
+def conversation_tail(steps: Sequence[str]) -> str:
+    """The candidate's own text after :func:`conversation_head`: its steps and the assistant turns."""
     if not steps:
         raise ValueError("a response needs at least one step")
-    parts = [SYSTEM_TEMPLATE.format(system_message=system_message)]
-    rendered_question = render_question(question, tiles_per_image, image_tokens_per_tile)
-    for i, step in enumerate(steps):
-        message = QUESTION_HEADER + rendered_question + SOLUTION_HEADER + step if i == 0 else step
-        parts.append(_render_turn(USER_ROLE, message))
+    # The first user turn is never empty (it holds the question), so it always ends with the separator.
+    parts = [steps[0] + TURN_SEP, _render_turn(ASSISTANT_ROLE, STEP_PLACEHOLDER)]
+    for step in steps[1:]:
+        parts.append(_render_turn(USER_ROLE, step))
         parts.append(_render_turn(ASSISTANT_ROLE, STEP_PLACEHOLDER))
     return "".join(parts)

@@ -32,6 +32,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_VISION_BATCH = 16
+# packed: one row per group, tree mask (any attention backend, groups batched together);
+# prefix_cache: prefix forward once, candidates against its K/V (attention never spans candidates).
+PrefixMode = Literal["auto", "packed", "prefix_cache"]
 
 
 @dataclass
@@ -157,10 +160,19 @@ class GroupScorer:
         *,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         vision_batch: int = DEFAULT_VISION_BATCH,
+        mode: PrefixMode = "auto",
+        sdpa_kernels: Literal["default", "no_cudnn"] = "no_cudnn",
     ) -> None:
+        import inspect
+
         import torch
 
         self.model = checkpoint.model
+        self.sdpa_kernels = sdpa_kernels
+        attn = self.model.config._attn_implementation
+        # prefix_cache is faster wherever it applies (measured on CPU and GPU, docs/PERFORMANCE.md);
+        # flex attention expresses the packed tree block-sparsely, so it keeps the packed rows.
+        self.mode = mode if mode != "auto" else ("packed" if attn == "flex_attention" else "prefix_cache")
         self.tokenizer = checkpoint.tokenizer
         self.info = checkpoint.info
         self.token_budget = token_budget
@@ -174,6 +186,26 @@ class GroupScorer:
         self._embed = self.model.get_input_embeddings()
         self._language_model = self.model.model.language_model
         self._tokens_per_tile = self.info.image_tokens_per_tile
+        if self.mode == "prefix_cache" and attn not in ("sdpa", "eager"):
+            raise ValueError("prefix_cache mode needs sdpa or eager attention")
+        # transformers renamed the forward's cache argument (past_key_values -> cache) within 5.x.
+        params = inspect.signature(self._language_model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def _attention_kernels(self):
+        """SDPA backends for this scorer's forwards.
+
+        cuDNN's attention builds an execution plan per new shape; with every group's lengths
+        different, a batch job pays that on almost every call. ``sdpa_kernels="no_cudnn"`` keeps
+        PyTorch's flash (causal prefix) and memory-efficient (masked) kernels instead.
+        """
+        import contextlib
+
+        if self.sdpa_kernels != "no_cudnn" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     # -- vision --------------------------------------------------------------------------------
 
@@ -183,7 +215,12 @@ class GroupScorer:
 
         feats = []
         for start in range(0, len(tiles), self.vision_batch):
-            chunk = torch.from_numpy(tiles[start : start + self.vision_batch]).to(self.device)
+            chunk = torch.from_numpy(tiles[start : start + self.vision_batch])
+            if self.device.type == "cuda":
+                # Pinned host memory lets the copy run asynchronously, behind the previous chunk's work.
+                chunk = chunk.pin_memory().to(self.device, non_blocking=True)
+            else:
+                chunk = chunk.to(self.device)
             out = self.model.model.get_image_features(pixel_values=normalize_tiles(chunk, self.dtype))
             out = out if isinstance(out, torch.Tensor) else out.pooler_output
             feats.append(out.reshape(-1, out.shape[-1]))
@@ -240,8 +277,7 @@ class GroupScorer:
 
         r_idx = torch.from_numpy(np.concatenate(gather_rows)).to(self.device)
         c_idx = torch.from_numpy(np.concatenate(gather_cols)).to(self.device)
-        logits = hidden[r_idx, c_idx].float() @ self._pm_head.T  # [N, 2]: z_plus, z_minus
-        probs = torch.softmax(logits, dim=-1)[:, 0].cpu().numpy().astype(np.float32)
+        probs = self._p_plus(hidden[r_idx, c_idx])
         per_candidate = np.split(probs, np.cumsum(splits)[:-1])
         out, start = [], 0
         for unit in batch.units:
@@ -249,8 +285,117 @@ class GroupScorer:
             start += len(unit.candidates)
         return out
 
+    def _embed_with_images(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        embeds = self._embed(ids)
+        image_mask = ids == self.info.image_token_id
+        count = int(image_mask.sum())
+        if count != (0 if features is None else features.shape[0]):
+            raise AssertionError(
+                f"{count} image tokens for {0 if features is None else features.shape[0]} features"
+            )
+        if count:
+            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds
+
+    def _p_plus(self, hidden: torch.Tensor) -> np.ndarray:
+        logits = hidden.float() @ self._pm_head.T  # [N, 2]: z_plus, z_minus
+        return torch_softmax_first(logits)
+
+    def _score_group_with_prefix_cache(self, group: PreparedGroup, features) -> dict[int, np.ndarray]:
+        """One prefix forward (plain causal attention, its K/V kept), then candidates in chunks
+        against that K/V: attention never spans two candidates, and a long group never recomputes
+        its prefix."""
+        import torch
+        from transformers import DynamicCache
+
+        candidates = list(unique_candidates(group).values())
+        if not candidates:
+            return {}
+        p = len(group.prefix)
+        ids = torch.from_numpy(group.prefix).to(self.device).unsqueeze(0)
+        cache = DynamicCache()
+        out = self._language_model(
+            inputs_embeds=self._embed_with_images(ids, features),
+            position_ids=torch.arange(p, device=self.device).unsqueeze(0),
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
+        prefix_hidden = out.last_hidden_state[0]
+        layers = cache.layers if hasattr(cache, "layers") else None
+        prefix_kv = (
+            [(layer.keys, layer.values) for layer in layers]
+            if layers is not None
+            else list(zip(cache.key_cache, cache.value_cache, strict=True))
+        )
+        results: dict[int, np.ndarray] = {}
+        for chunk in _chunks_by_budget(candidates, group, self.token_budget):
+            lengths = [len(group.suffixes[k]) for k in chunk]
+            width, n = max(lengths), len(chunk)
+            suffix_hidden = None
+            if width:
+                sfx = torch.zeros(n, width, dtype=torch.long)
+                for j, k in enumerate(chunk):
+                    sfx[j, : lengths[j]] = torch.from_numpy(group.suffixes[k])
+                sfx = sfx.to(self.device)
+                lens = torch.tensor(lengths, device=self.device)
+                q = torch.arange(width, device=self.device)
+                # [n, 1, query, prefix + key]: the whole prefix, then causal within the own suffix.
+                own = (q.view(1, width, 1) >= q.view(1, 1, width)) & (
+                    q.view(1, 1, width) < lens.view(n, 1, 1)
+                )
+                mask = torch.cat([torch.ones(n, width, p, dtype=torch.bool, device=self.device), own], dim=2)
+                mask = mask.unsqueeze(1)
+                if self.model.config._attn_implementation == "eager":
+                    dtype = prefix_hidden.dtype
+                    mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(
+                        ~mask, torch.finfo(dtype).min
+                    )
+                chunk_cache = DynamicCache()
+                for layer_idx, (k, v) in enumerate(prefix_kv):
+                    chunk_cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), layer_idx)
+                suffix_hidden = self._language_model(
+                    inputs_embeds=self._embed_with_images(sfx, None),
+                    attention_mask=mask,
+                    position_ids=(p + q).unsqueeze(0).expand(n, width),
+                    use_cache=True,
+                    **{self._cache_kwarg: chunk_cache},
+                ).last_hidden_state
+            rows = []
+            for j, k in enumerate(chunk):
+                pos = torch.from_numpy(group.positions[k]).to(self.device)
+                in_prefix = pos < p
+                h = torch.empty(
+                    len(pos), prefix_hidden.shape[-1], dtype=prefix_hidden.dtype, device=self.device
+                )
+                h[in_prefix] = prefix_hidden[pos[in_prefix]]
+                if suffix_hidden is not None:
+                    h[~in_prefix] = suffix_hidden[j, pos[~in_prefix] - p]
+                rows.append(h)
+            probs = self._p_plus(torch.cat(rows))
+            for k, part in zip(
+                chunk, np.split(probs, np.cumsum([len(group.positions[k]) for k in chunk])[:-1]), strict=True
+            ):
+                results[k] = part
+        return results
+
     def score(self, groups: Sequence[PreparedGroup]) -> list[list[np.ndarray | None]]:
         """Step scores per group, per candidate (None for candidates with an error)."""
+        if self.mode == "prefix_cache":
+            return self._score_prefix_cache(groups)
+        return self._score_packed(groups)
+
+    def _score_prefix_cache(self, groups: Sequence[PreparedGroup]) -> list[list[np.ndarray | None]]:
+        import torch
+
+        results: list[list[np.ndarray | None]] = [[None] * g.num_candidates for g in groups]
+        with torch.inference_mode(), self._attention_kernels():
+            for g, group in enumerate(groups):
+                features = self.encode_tiles(group.tiles) if len(group.tiles) else None
+                for k, s in self._score_group_with_prefix_cache(group, features).items():
+                    results[g][k] = s
+        return _copy_duplicates(groups, results)
+
+    def _score_packed(self, groups: Sequence[PreparedGroup]) -> list[list[np.ndarray | None]]:
         import torch
 
         results: list[list[np.ndarray | None]] = [[None] * g.num_candidates for g in groups]
@@ -260,7 +405,7 @@ class GroupScorer:
             for unit in batch.units:
                 remaining[unit.group] = remaining.get(unit.group, 0) + 1
         features: dict[int, torch.Tensor] = {}
-        with torch.inference_mode():
+        with torch.inference_mode(), self._attention_kernels():
             for batch in batches:
                 # Encode every image of this batch's groups once, all tiles together; a group split
                 # over several rows reuses its features until its last row is done.
@@ -278,12 +423,41 @@ class GroupScorer:
                     remaining[unit.group] -= 1
                     if not remaining[unit.group]:
                         features.pop(unit.group, None)
-        for g, group in enumerate(groups):
-            first = unique_candidates(group)
-            for k in range(group.num_candidates):
-                if group.scorable(k):
-                    results[g][k] = results[g][first[group.suffixes[k].tobytes()]]
-        return results
+        return _copy_duplicates(groups, results)
+
+
+def _copy_duplicates(groups, results):
+    """Duplicates were scored once (see :func:`unique_candidates`); give every copy the result."""
+    for g, group in enumerate(groups):
+        first = unique_candidates(group)
+        for k in range(group.num_candidates):
+            if group.scorable(k):
+                results[g][k] = results[g][first[group.suffixes[k].tobytes()]]
+    return results
+
+
+def _chunks_by_budget(candidates: list[int], group: PreparedGroup, budget: int) -> list[list[int]]:
+    """Consecutive candidate chunks whose padded suffix tokens (rows x longest) fit the budget."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for k in sorted(candidates, key=lambda k: -len(group.suffixes[k])):
+        n = len(group.suffixes[k])
+        if current and (len(current) + 1) * max(width, n) > budget:
+            chunks.append(current)
+            current, width = [], 0
+        current.append(k)
+        width = max(width, n)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def torch_softmax_first(logits) -> np.ndarray:
+    """P(+) = softmax over the two logits [z_plus, z_minus], first entry, as float32 numpy."""
+    import torch
+
+    return torch.softmax(logits, dim=-1)[:, 0].cpu().numpy().astype(np.float32)
 
 
 class VisualPRM:
@@ -299,6 +473,7 @@ class VisualPRM:
         *,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         vision_batch: int = DEFAULT_VISION_BATCH,
+        prefix_mode: PrefixMode = "auto",
         max_tiles: int | None = None,
         max_pixels: int | None = None,
         system_message: str | None = None,
@@ -308,7 +483,9 @@ class VisualPRM:
         self.checkpoint = checkpoint
         self.info = checkpoint.info
         self.tokenizer = checkpoint.tokenizer
-        self.scorer = GroupScorer(checkpoint, token_budget=token_budget, vision_batch=vision_batch)
+        self.scorer = GroupScorer(
+            checkpoint, token_budget=token_budget, vision_batch=vision_batch, mode=prefix_mode
+        )
         self.max_tiles = max_tiles or self.info.max_tiles
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         self.system_message = self.info.system_message if system_message is None else system_message

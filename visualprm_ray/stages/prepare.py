@@ -8,6 +8,7 @@ fails loudly.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -60,7 +61,7 @@ def _error_text(exc: BaseException) -> str:
 class PrepareStage:
     """Callable class for ``map_batches``: one prepared row per group row."""
 
-    def __init__(self, config: JobConfig, model_dir: str) -> None:
+    def __init__(self, config: JobConfig, model_dir: str, progress: str | None = None) -> None:
         from visualprm_ray.checkpoint import load_preprocessing
         from visualprm_ray.scorer import resolve_model_source
 
@@ -70,6 +71,9 @@ class PrepareStage:
         self.system_message = config.model.system_message or self.info.system_message
         self.max_context = config.scoring.max_context or self.info.max_context
         self.max_tiles = config.images.max_tiles or self.info.max_tiles
+        from visualprm_ray.progress import ProgressReporter
+
+        self.progress = ProgressReporter.connect(progress) if progress else None
 
     def _tiles(self, value: Any) -> list[np.ndarray]:
         from visualprm_ray.tiling import tile_image
@@ -169,6 +173,13 @@ class PrepareStage:
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        out = self._prepare_table(table)
+        if self.progress is not None:
+            self.progress.add(prepare_s=time.perf_counter() - start, groups_prepared=len(table))
+        return out
+
+    def _prepare_table(self, table: pa.Table) -> pa.Table:
         inputs = table.select(
             [c for c in (col.QUESTION, col.IMAGE, col.RESPONSES, col.STEPS) if c in table.column_names]
         )

@@ -8,6 +8,7 @@ batch's row count, decides how much goes through the model at once. The heavy pr
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -97,13 +98,17 @@ class ScoreStage:
             tokenizer_kind=config.model.tokenizer,
         )
         self.scorer = GroupScorer(
-            checkpoint, token_budget=config.scoring.token_budget, vision_batch=config.scoring.vision_batch
+            checkpoint,
+            token_budget=config.scoring.token_budget,
+            vision_batch=config.scoring.vision_batch,
+            mode=config.scoring.prefix_mode,
         )
         from visualprm_ray.progress import ProgressReporter
 
         self.progress = ProgressReporter.connect(progress) if progress else None
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        start = time.perf_counter()
         groups = groups_from_table(table)
         live = [g for g in groups if g is not None]
         scored = iter(self.scorer.score(live)) if live else iter(())
@@ -122,6 +127,6 @@ class ScoreStage:
             errors += sum(v is None for v in values)
             tokens += sum(t for t, v in zip(num_tokens[i], values, strict=True) if v is not None)
         if self.progress is not None:
-            self.progress.add(scored=done, errored=errors, tokens=tokens)
+            self.progress.add(scored=done, errored=errors, tokens=tokens, score_s=time.perf_counter() - start)
         out = table.drop_columns(list(col.PREPARED_ONLY))
         return out.append_column(col.STEP_SCORES, pa.array(step_scores, pa.list_(pa.list_(pa.float32()))))
