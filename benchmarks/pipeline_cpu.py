@@ -52,7 +52,7 @@ def main() -> None:
         in_process = time.perf_counter() - start
 
         start = time.perf_counter()
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
         ray_start = time.perf_counter() - start
         config = JobConfig.from_sources(
             None,

@@ -123,7 +123,9 @@ def init_ray(config: JobConfig) -> None:
     needed = (rt.num_scorers or 1) * rt.cpus_per_scorer + (rt.num_preparers or 1) * rt.cpus_per_preparer
     # Headroom over the machine's cores: Ray's CPU count is a scheduling token, and the read and
     # write tasks need some while both actor pools hold theirs.
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed) + 2))
+    # address="local": always a fresh local Ray. A bare ray.init() would attach to whatever
+    # cluster `ray start` left on this machine, with other resources and other code.
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed) + 2))
 
 
 def count_input(config: JobConfig, plan: ReadPlan) -> Counts:

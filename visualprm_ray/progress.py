@@ -17,18 +17,44 @@ def _actor_class():
 
     @ray.remote(num_cpus=0)
     class ProgressCounter:
-        def __init__(self) -> None:
-            self.counts: dict[str, float] = {"scored": 0, "errored": 0, "tokens": 0}
+        """Job-wide counts, also exported as Ray metrics (Prometheus, via the Ray dashboard's agent)."""
 
-        def add(self, **counts: int) -> None:
+        def __init__(self) -> None:
+            from ray.util.metrics import Counter, Gauge, Histogram
+
+            self.counts: dict[str, float] = {"scored": 0, "errored": 0, "tokens": 0}
+            self.metrics = {
+                "scored": Counter("visualprm_candidates_scored", description="Candidates scored."),
+                "errored": Counter(
+                    "visualprm_candidates_errored", description="Candidates with an error row."
+                ),
+                "tokens": Counter("visualprm_tokens_scored", description="Language-model tokens scored."),
+            }
+            self.batch_latency = Histogram(
+                "visualprm_score_batch_seconds",
+                description="Seconds a scoring actor spends on one batch.",
+                boundaries=[0.1, 0.3, 1, 3, 10, 30, 100],
+            )
+            # Groups prepared but not yet scored: the queue in front of the scoring actors.
+            self.queue = Gauge(
+                "visualprm_groups_waiting_for_scoring", description="Prepared, not yet scored."
+            )
+
+        def add(self, **counts: float) -> None:
             for k, v in counts.items():
                 self.counts[k] = self.counts.get(k, 0) + v
-            # Wall-clock times of the first and last report: start-up vs steady-state throughput.
-            now = time.time()
-            if "first_report" not in self.counts:
-                self.counts["first_report"] = now
-                self.counts["first_batch"] = counts.get("scored", 0)
-            self.counts["last_report"] = now
+                if k in self.metrics and v:
+                    self.metrics[k].inc(v)
+            if "score_s" in counts:
+                self.batch_latency.observe(counts["score_s"])
+            self.queue.set(self.counts.get("groups_prepared", 0) - self.counts.get("groups_scored", 0))
+            if "scored" in counts:
+                # Wall-clock times of the first and last scoring report: start-up vs steady state.
+                now = time.time()
+                if "first_report" not in self.counts:
+                    self.counts["first_report"] = now
+                    self.counts["first_batch"] = counts["scored"]
+                self.counts["last_report"] = now
 
         def snapshot(self) -> dict[str, float]:
             return dict(self.counts)
@@ -78,10 +104,12 @@ class ProgressPrinter:
         elapsed = max(time.monotonic() - self.start_time, 1e-9)
         done = counts["scored"] + counts["errored"]
         total = f"/{self.total}" if self.total is not None else ""
+        queue = counts.get("groups_prepared", 0) - counts.get("groups_scored", 0)
+        # Human-readable and key=value parseable, so it reads well in non-TTY job logs.
         return (
-            f"[visualprm-ray] {done}{total} candidates done: {counts['scored']} scored, "
-            f"{counts['errored']} errored, {counts['scored'] / elapsed:.2f} rows/s, "
-            f"{counts['tokens'] / elapsed:.0f} tokens/s, {elapsed:.0f}s elapsed"
+            f"[visualprm-ray] progress done={done:.0f}{total} scored={counts['scored']:.0f} "
+            f"errored={counts['errored']:.0f} rows_per_s={counts['scored'] / elapsed:.2f} "
+            f"tokens_per_s={counts['tokens'] / elapsed:.0f} queue_groups={queue:.0f} elapsed_s={elapsed:.0f}"
         )
 
     def _run(self) -> None:

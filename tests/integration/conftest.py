@@ -27,7 +27,7 @@ def ray_local(s3_server):
 
     # More CPU slots than cores: actor pools hold theirs for the whole job and the read and write
     # tasks need some too; the work itself is small.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

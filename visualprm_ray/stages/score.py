@@ -127,6 +127,12 @@ class ScoreStage:
             errors += sum(v is None for v in values)
             tokens += sum(t for t, v in zip(num_tokens[i], values, strict=True) if v is not None)
         if self.progress is not None:
-            self.progress.add(scored=done, errored=errors, tokens=tokens, score_s=time.perf_counter() - start)
+            self.progress.add(
+                scored=done,
+                errored=errors,
+                tokens=tokens,
+                groups_scored=len(table),
+                score_s=time.perf_counter() - start,
+            )
         out = table.drop_columns(list(col.PREPARED_ONLY))
         return out.append_column(col.STEP_SCORES, pa.array(step_scores, pa.list_(pa.list_(pa.float32()))))
