@@ -40,40 +40,6 @@ REAL_VISION = {
 }
 
 
-def upstream_config(llm: dict, vision: dict) -> dict:
-    """An upstream-layout config.json dict with the given sizes (VisualPRM-8B's other values)."""
-    return {
-        "downsample_ratio": 0.5,
-        "force_image_size": 448,
-        "max_dynamic_patch": 12,
-        "min_dynamic_patch": 1,
-        "ps_version": "v2",
-        "select_layer": -1,
-        "template": "internvl2_5",
-        "use_thumbnail": True,
-        "llm_config": {
-            "architectures": ["InternLM2ForCausalLM"],
-            "hidden_act": "silu",
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-5,
-            "bias": False,
-            "rope_theta": 1000000,
-            "rope_scaling": {"type": "dynamic", "factor": 2.0},
-            **llm,
-        },
-        "vision_config": {
-            "image_size": 448,
-            "patch_size": 14,
-            "qkv_bias": True,
-            "qk_normalization": False,
-            "norm_type": "layer_norm",
-            "layer_norm_eps": 1e-6,
-            "hidden_act": "gelu",
-            **vision,
-        },
-    }
-
-
 def build_checkpoint(config: dict, tokenizer, *, dtype: str, device: str):
     import torch
 
@@ -229,7 +195,7 @@ def main() -> None:
     from visualprm_ray.checkpoint import write_tiny_checkpoint
     from visualprm_ray.reference import naive_step_scores
     from visualprm_ray.scorer import GroupScorer, VisualPRM
-    from visualprm_ray.tiny_checkpoint import TINY_LLM, TINY_VISION
+    from visualprm_ray.tiny_checkpoint import TINY_LLM, TINY_VISION, upstream_config
     from visualprm_ray.tokenizer import load_tokenizer
 
     device = "cpu" if args.tiny else "cuda"
@@ -256,7 +222,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
     depth = {"num_hidden_layers": args.fp32_layers}
     ck32 = build_checkpoint(
-        upstream_config(llm | depth, vision | depth), tokenizer, dtype="float32", device=device
+        upstream_config(llm=llm | depth, vision=vision | depth), tokenizer, dtype="float32", device=device
     )
     prm32 = VisualPRM(ck32, token_budget=args.token_budget)
     question, responses, image = make_groups(
@@ -280,7 +246,7 @@ def main() -> None:
 
     # --- the full-size bf16 model ---------------------------------------------------------------
     start = time.perf_counter()
-    ck = build_checkpoint(upstream_config(llm, vision), tokenizer, dtype="bfloat16", device=device)
+    ck = build_checkpoint(upstream_config(llm=llm, vision=vision), tokenizer, dtype="bfloat16", device=device)
     sync(device)
     report["build_s"] = round(time.perf_counter() - start, 1)
     prm = VisualPRM(ck, token_budget=args.token_budget)

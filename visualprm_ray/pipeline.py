@@ -235,8 +235,12 @@ def prepare_output(config: JobConfig) -> bool:
     complete = fs.exists(f"{path}/{SUCCESS}")
     if config.output.mode == "resume" and complete:
         return False
-    # 'overwrite', or an incomplete earlier run: start clean so no row is written twice.
-    fs.rm(path, recursive=True)
+    # 'overwrite', or an incomplete earlier run: start clean so no row is written twice. Only the
+    # job's own files go; anything else a user keeps there is left alone.
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".parquet") or name in (MANIFEST, SUCCESS):
+            fs.rm(entry)
     return True
 
 

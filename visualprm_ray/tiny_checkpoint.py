@@ -180,7 +180,12 @@ def _tokenizers_tokenizer(seed: int) -> tuple[dict[str, bytes | str], dict[str, 
     return {"tokenizer.json": tok.to_str()}, specials, tok.get_vocab_size()
 
 
-def _upstream_config(vocab_size: int, system_message: str | None) -> dict:
+def upstream_config(*, llm: dict, vision: dict, system_message: str | None = None) -> dict:
+    """An upstream-layout ``config.json`` (VisualPRM-8B's values) with the given model sizes.
+
+    ``llm`` holds the InternLM2 sizes (vocab_size, hidden_size, ...), ``vision`` the InternViT ones.
+    Used for the tiny checkpoints and by ``benchmarks/gpu_scorer.py`` for the real 8B shapes.
+    """
     config = {
         "architectures": ["InternVLChatModel"],
         # Kept to mirror the release: the loader must never import what auto_map names.
@@ -202,7 +207,6 @@ def _upstream_config(vocab_size: int, system_message: str | None) -> dict:
         "llm_config": {
             "architectures": ["InternLM2ForCausalLM"],
             "model_type": "internlm2",
-            "vocab_size": vocab_size,
             "hidden_act": "silu",
             "max_position_embeddings": 32768,
             "rms_norm_eps": 1e-5,
@@ -213,7 +217,7 @@ def _upstream_config(vocab_size: int, system_message: str | None) -> dict:
             "eos_token_id": 2,
             "pad_token_id": 2,
             "tie_word_embeddings": False,
-            **TINY_LLM,
+            **llm,
         },
         "vision_config": {
             "architectures": ["InternVisionModel"],
@@ -225,7 +229,7 @@ def _upstream_config(vocab_size: int, system_message: str | None) -> dict:
             "norm_type": "layer_norm",
             "layer_norm_eps": 1e-6,
             "hidden_act": "gelu",
-            **TINY_VISION,
+            **vision,
         },
     }
     if system_message is not None:
@@ -325,7 +329,9 @@ def write_tiny_checkpoint(
             target.write_bytes(content)
         else:
             target.write_text(content)
-    config = _upstream_config(vocab_size, system_message)
+    config = upstream_config(
+        llm={**TINY_LLM, "vocab_size": vocab_size}, vision=TINY_VISION, system_message=system_message
+    )
     flags = {"lstrip": False, "normalized": False, "rstrip": False, "special": True}
     added_decoder = {
         str(i): {"content": c, **flags} for c, i in sorted(specials.items(), key=lambda kv: kv[1])
