@@ -260,15 +260,10 @@ class GroupScorer:
                 offset += n
         ids, pos, seg = ids.to(self.device), pos.to(self.device), seg.to(self.device)
 
-        embeds = self._embed(ids)
-        image_mask = ids == self.info.image_token_id
-        if image_mask.any():
-            feats = torch.cat([features[u.group] for u in batch.units if u.group in features])
-            if int(image_mask.sum()) != feats.shape[0]:
-                raise AssertionError(
-                    f"packed rows hold {int(image_mask.sum())} image tokens for {feats.shape[0]} features"
-                )
-            embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), feats.to(embeds.dtype))
+        # Rows are filled in unit order, so the units' features concatenated line up with the rows'
+        # image tokens in row-major order.
+        row_features = [features[u.group] for u in batch.units if u.group in features]
+        embeds = self._embed_with_images(ids, torch.cat(row_features) if row_features else None)
 
         mask = tree_attention_mask(seg, self.model.config._attn_implementation, embeds.dtype)
         hidden = self._language_model(
