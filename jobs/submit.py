@@ -7,7 +7,7 @@ The submission id is derived from the name and the run date (``visualprm-<name>-
 scheduler that fires twice, or an operator who resubmits, does not start a second copy: an
 existing pending, running or succeeded submission is waited for instead. Only a failed or stopped
 one is submitted again, as ``...-r1``, ``...-r2``; the job itself resumes from its output
-(a finished output is a no-op, an unfinished one is recomputed).
+(a finished output is a no-op; an unfinished one keeps its committed groups and scores the rest).
 """
 
 from __future__ import annotations

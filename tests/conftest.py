@@ -6,6 +6,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,61 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     boto3.client("s3", endpoint_url=s3_server.endpoint_url).create_bucket(Bucket=bucket)
     yield bucket
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@dataclass(frozen=True)
+class BrowserPage:
+    """What headless Chromium made of a local HTML file."""
+
+    dom: str  # the DOM after the load event (scripts run)
+    screenshot: Path  # PNG of the page at 1280 x 4000
+
+
+@pytest.fixture
+def headless_chromium(tmp_path_factory: pytest.TempPathFactory):
+    """``load(html_file) -> BrowserPage``. Without Chromium: skip, except under CI, which installs it
+    (.ci/run), so that a browser check never silently stops running there."""
+    import os
+    import shutil
+    import subprocess
+
+    exe = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; CI installs it (.ci/run) for the report's browser test")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+
+    def run(page: Path, *flags: str) -> str:
+        # A fresh profile per run, and everything that would reach the network off: the page must
+        # render from the file alone.
+        profile = tmp_path_factory.mktemp("chromium-profile")
+        result = subprocess.run(
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                *flags,
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    def load(page: Path) -> BrowserPage:
+        shot = tmp_path_factory.mktemp("chromium-shot") / "page.png"
+        dom = run(page, "--dump-dom")
+        run(page, f"--screenshot={shot}", "--window-size=1280,4000")
+        assert shot.is_file(), "chromium wrote no screenshot"
+        return BrowserPage(dom=dom, screenshot=shot)
+
+    return load

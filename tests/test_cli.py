@@ -37,3 +37,42 @@ def test_tiny_checkpoint_command(tmp_path):
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert "llm_config" in config and "vision_config" in config
     assert load_checkpoint(tmp_path / "ck", dtype="float32").info.layout == "upstream"
+
+
+def _score_with_run_job(monkeypatch, argv, outcome=None):
+    """Run ``score`` with the job replaced by a recorder (or a failure); returns (status, config)."""
+    import visualprm_ray.pipeline as pipeline
+    from visualprm_ray.cli import main
+
+    seen = {}
+
+    def fake_run_job(config, **_):
+        seen["config"] = config
+        if outcome is not None:
+            raise outcome
+        return {}
+
+    monkeypatch.setattr(pipeline, "run_job", fake_run_job)
+    status = main(["score", "--input", "/in", "--output", "/out", "--model", "/m", *argv])
+    return status, seen.get("config")
+
+
+def test_fresh_means_overwrite_and_resume_is_the_default(monkeypatch):
+    status, config = _score_with_run_job(monkeypatch, [])
+    assert status == 0 and config.output.mode == "resume"
+    status, config = _score_with_run_job(monkeypatch, ["--fresh"])
+    assert status == 0 and config.output.mode == "overwrite"
+
+
+def test_exit_status_says_what_failed(monkeypatch, capsys):
+    from visualprm_ray.pipeline import JobCheckError
+    from visualprm_ray.resume import ResumeConflict
+
+    status, _ = _score_with_run_job(
+        monkeypatch, [], JobCheckError("2 candidate row(s) written more than once")
+    )
+    assert status == 3 and "more than once" in capsys.readouterr().err
+    status, _ = _score_with_run_job(
+        monkeypatch, [], ResumeConflict("holds part of a run with different scoring")
+    )
+    assert status == 2 and "different scoring" in capsys.readouterr().err

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from visualprm_ray.config import JobConfig
-from visualprm_ray.pipeline import MANIFEST, SUCCESS, prepare_output
+from visualprm_ray.pipeline import MANIFEST, SUCCESS, Counts, prepare_output
+from visualprm_ray.resume import JOB_RECORD
 
 
 def _config(out, mode: str) -> JobConfig:
@@ -18,9 +19,11 @@ def _fill(out, *, complete: bool):
     out.mkdir()
     (out / "part-1.parquet").write_bytes(b"stale")
     (out / "notes.txt").write_text("the user's own file")
+    (out / JOB_RECORD).write_text("{}")
     if complete:
         (out / MANIFEST).write_text("{}")
         (out / SUCCESS).write_text("")
+        (out / "_report.html").write_text("<html></html>")
 
 
 def test_missing_or_empty_output_runs(tmp_path):
@@ -35,11 +38,31 @@ def test_resume_of_a_complete_run_is_a_no_op(tmp_path):
     assert (tmp_path / "out" / "part-1.parquet").exists()
 
 
-@pytest.mark.parametrize(("mode", "complete"), [("resume", False), ("overwrite", True)])
-def test_restart_clears_only_the_jobs_files(tmp_path, mode, complete):
+def test_resume_of_an_unfinished_run_keeps_its_files_for_the_scan(tmp_path):
+    _fill(tmp_path / "out", complete=False)
+    assert prepare_output(_config(tmp_path / "out", "resume")) is True
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [JOB_RECORD, "notes.txt", "part-1.parquet"]
+
+
+@pytest.mark.parametrize("complete", [False, True])
+def test_overwrite_clears_only_the_jobs_files(tmp_path, complete):
     _fill(tmp_path / "out", complete=complete)
-    assert prepare_output(_config(tmp_path / "out", mode)) is True
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+    (tmp_path / "out" / "nested").mkdir()
+    (tmp_path / "out" / "nested" / "part-2.parquet").write_bytes(b"stale")
+    assert prepare_output(_config(tmp_path / "out", "overwrite")) is True
+    left = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
+    assert left == ["nested", "notes.txt"]
+
+
+def test_counts_name_every_way_the_output_can_be_wrong():
+    ok = Counts(candidates_in=10, scored=6, errored=1, skipped=3)
+    assert ok.problems() == []
+    lost = Counts(candidates_in=10, scored=6, errored=1, skipped=2, missing=1)
+    assert [p.split(" ")[0] for p in lost.problems()] == ["candidates", "1"]
+    doubled = Counts(candidates_in=10, scored=7, errored=1, skipped=3, duplicates=1)
+    assert len(doubled.problems()) == 2 and "more than once" in doubled.problems()[1]
+    empty = Counts(candidates_in=0, empty_groups=2, empty_group_rows=1)
+    assert empty.problems() == ["2 group(s) without candidates in the input, 1 such row(s) in the output"]
 
 
 def test_error_mode_refuses_an_existing_output(tmp_path):

@@ -9,16 +9,26 @@ from collections.abc import Sequence
 
 def _score(args: argparse.Namespace) -> int:
     from visualprm_ray.config import ConfigError, JobConfig
-    from visualprm_ray.pipeline import run_job
+    from visualprm_ray.pipeline import JobCheckError, run_job
+    from visualprm_ray.resume import ResumeConflict
 
+    overrides = [*args.set, *(["output.mode=overwrite"] if args.fresh else [])]
     try:
         config = JobConfig.from_sources(
-            args.config, args.set, input_uri=args.input, output_uri=args.output, model_source=args.model
+            args.config, overrides, input_uri=args.input, output_uri=args.output, model_source=args.model
         )
     except ConfigError as exc:
         print(f"visualprm-ray: bad configuration: {exc}", file=sys.stderr)
         return 2
-    run_job(config)
+    try:
+        run_job(config)
+    except ResumeConflict as exc:
+        print(f"visualprm-ray: {exc}", file=sys.stderr)
+        return 2
+    except JobCheckError as exc:
+        # The manifest says what is wrong; no _SUCCESS was written, so readers never take it.
+        print(f"visualprm-ray: {exc}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -36,11 +46,73 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from visualprm_ray.report import ReportError, write_report
+
+    try:
+        where = write_report(args.output, args.html, groups=args.groups)
+    except ReportError as exc:
+        print(f"visualprm-ray report: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {where} (open it in a browser)")
+    return 0
+
+
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
     from visualprm_ray.checkpoint import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(args.dir, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote a tiny random VisualPRM checkpoint (upstream layout) to {path}")
+    return 0
+
+
+def _eval_vpb(args: argparse.Namespace) -> int:
+    from visualprm_ray.evaluate import EvalInputError
+    from visualprm_ray.evaluate.metrics import threshold_grid
+    from visualprm_ray.evaluate.vpb import run_eval_vpb
+
+    try:
+        start, stop, step = (float(x) for x in args.sweep.split(":"))
+        grid = threshold_grid(start, stop, step)
+    except ValueError:
+        print(f"visualprm-ray: bad --sweep {args.sweep!r}; expected START:STOP:STEP", file=sys.stderr)
+        return 2
+    try:
+        run_eval_vpb(
+            output=args.output,
+            data=args.data,
+            image_root=args.image_root,
+            model=args.model,
+            scores=args.scores,
+            threshold=args.threshold,
+            grid=grid,
+            device=args.device,
+            dtype=args.dtype,
+            limit=args.limit,
+        )
+    except EvalInputError as exc:
+        print(f"visualprm-ray eval-vpb: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _eval_bon(args: argparse.Namespace) -> int:
+    from visualprm_ray.evaluate import EvalInputError
+    from visualprm_ray.evaluate.bon import run_eval_bon
+
+    try:
+        run_eval_bon(
+            args.output,
+            answer_column=args.answer_column,
+            response_column=args.response_column,
+            group_by=args.group_by,
+            extract=args.extract,
+            json_path=args.json,
+            allow_incomplete=args.allow_incomplete,
+        )
+    except EvalInputError as exc:
+        print(f"visualprm-ray eval-bon: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -55,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         "score",
         help="run the scoring job: Parquet rollouts in, one scored row per candidate out",
         description="Run the scoring job on Ray (RAY_ADDRESS or runtime.ray_address, else a local Ray). "
-        "Precedence: --config YAML < --input/--output/--model < --set.",
+        "Precedence: --config YAML < --input/--output/--model < --set. A rerun of a killed job resumes "
+        "where it stopped. Exit status: 0 done, 2 bad configuration or a resume of a different job, "
+        "3 the output failed the count check (rows lost or doubled).",
     )
     score.add_argument("--input", help="input Parquet file, directory/prefix or glob (local, s3://, gs://)")
     score.add_argument("--output", help="output directory/prefix")
@@ -67,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set scoring.token_budget=32768 (repeatable)",
+    )
+    score.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: remove this job's earlier output instead of resuming it (output.mode=overwrite)",
     )
     score.set_defaults(func=_score)
 
@@ -81,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     schema = commands.add_parser("schema", help="print the output schema as a table")
     schema.set_defaults(func=_schema)
 
+    report = commands.add_parser(
+        "report",
+        help="one self-contained HTML page for a finished run: counts, errors, score plots, groups",
+        description="Write an HTML report of a finished run (plots embedded, no network needed to view it). "
+        "Needs matplotlib: pip install 'visualprm-ray[report]'.",
+    )
+    report.add_argument("output", metavar="OUTPUT_URI", help="the scoring job's output (local or s3://...)")
+    report.add_argument(
+        "--html",
+        metavar="FILE",
+        help="where to write the page, a path or URI (default OUTPUT_URI/_report.html, next to the manifest)",
+    )
+    report.add_argument(
+        "--groups",
+        type=int,
+        default=5,
+        metavar="N",
+        help="lowest- and highest-scoring groups shown in full (default 5 each)",
+    )
+    report.set_defaults(func=_report)
+
     tiny = commands.add_parser(
         "tiny-checkpoint", help="write a tiny random checkpoint in the upstream layout (tests, demos)"
     )
@@ -93,6 +193,55 @@ def build_parser() -> argparse.ArgumentParser:
         help="write tokenizer.model (the release's form) or tokenizer.json",
     )
     tiny.set_defaults(func=_tiny_checkpoint)
+
+    vpb = commands.add_parser(
+        "eval-vpb",
+        help="VisualProcessBench: score the labelled steps as given, report macro F1",
+        description="Score every sample's given steps (no re-splitting) and report step macro F1 per data "
+        "source and overall (micro, step-weighted and plain mean over sources), at --threshold and over "
+        "--sweep. Writes step_scores.parquet and metrics.json to --output.",
+    )
+    vpb.add_argument("--data", help="the benchmark's JSON-lines file (local or s3://...)")
+    vpb.add_argument("--image-root", help="directory the 'image' paths are relative to (default: --data's)")
+    source = vpb.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint: local directory, s3:// prefix or hub id")
+    source.add_argument("--scores", help="recompute the metrics from an earlier step_scores.parquet")
+    vpb.add_argument("--output", help="directory for step_scores.parquet and metrics.json")
+    vpb.add_argument(
+        "--threshold", type=float, default=0.5, help="a step is predicted correct when score > this (0.5)"
+    )
+    vpb.add_argument("--sweep", default="0.05:0.95:0.05", help="thresholds START:STOP:STEP (0.05:0.95:0.05)")
+    vpb.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    vpb.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="auto: bfloat16 on cuda, float32 on cpu",
+    )
+    vpb.add_argument("--limit", type=int, help="score only the first N samples (a quick look)")
+    vpb.set_defaults(func=_eval_vpb)
+
+    bon = commands.add_parser(
+        "eval-bon",
+        help="best-of-N accuracy of a scoring job's output table",
+        description="Accuracy of candidate 0, of the best candidate by score / score_min / score_last, of "
+        "majority and score-weighted voting, and the oracle, overall and per --group-by value.",
+    )
+    bon.add_argument("output", metavar="OUTPUT_URI", help="the scoring job's output (local or s3://...)")
+    bon.add_argument("--answer-column", default="answer", help="column of the reference answer (answer)")
+    bon.add_argument("--response-column", default="response", help="column holding the response text")
+    bon.add_argument("--group-by", help="also report per value of this column (e.g. policy)")
+    bon.add_argument(
+        "--extract",
+        metavar="REGEX",
+        help="answer = last match of REGEX (its group 1 if any); default: last \\boxed{...}, else a "
+        "'Final answer:' line",
+    )
+    bon.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bon.add_argument(
+        "--allow-incomplete", action="store_true", help="read an output that has no _SUCCESS marker yet"
+    )
+    bon.set_defaults(func=_eval_bon)
     return parser
 
 

@@ -186,9 +186,9 @@ class ScoringConfig(BaseModel):
         "auto",
         description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'packed' puts all candidates in one row with a tree mask; 'auto' picks prefix_cache unless attention is flex.",
     )
-    context_policy: Literal["error"] = Field(
+    context_policy: Literal["error", "truncate"] = Field(
         "error",
-        description="A conversation longer than the model's context: 'error' records a context_length error for that candidate.",
+        description="A conversation longer than the model's context: 'error' records a context_length error for that candidate; 'truncate' scores the leading whole steps that fit and sets the row's `truncated` flag.",
     )
     max_context: int | None = Field(
         None,
@@ -211,7 +211,7 @@ class OutputConfig(BaseModel):
     uri: str = Field(..., description="Output directory/prefix; a local path, s3:// or gs:// URI.")
     mode: Literal["resume", "overwrite", "error"] = Field(
         "resume",
-        description="If the output exists: 'resume' skips groups already committed, 'overwrite' starts fresh, 'error' fails.",
+        description="If the output exists: 'resume' keeps the groups already committed (readable output files) and scores the rest, and a finished run (_SUCCESS) is a no-op; 'overwrite' starts fresh (the CLI's --fresh); 'error' fails.",
     )
     include_response: bool = Field(True, description="Copy the response text into the output rows.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
@@ -262,6 +262,16 @@ class RuntimeConfig(BaseModel):
     progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines.")
     max_task_retries: int = Field(
         3, ge=0, description="Retries of a failed Ray task or actor call (machine loss, preemption)."
+    )
+    max_crashes_per_group: int = Field(
+        2,
+        ge=1,
+        description="A group held by a scoring actor that died this many times is recorded as a 'scorer_crash' error instead of being retried again (a poison row never loops).",
+    )
+    stall_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Fail the job with a clear message naming the stalled stages when none makes progress for this long (Ray Data's execution_no_progress_timeout_s): an actor pool that can never start, a hung read.",
     )
 
 

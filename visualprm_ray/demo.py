@@ -67,6 +67,23 @@ def summarize(output_uri: str, manifest: dict[str, Any], *, picks: int = 3) -> s
     return "\n".join(lines)
 
 
+def demo_report(workdir: Path, output_uri: str) -> str:
+    """Write the run's HTML report next to the demo's data; the line that points at it."""
+    import importlib.util
+
+    from visualprm_ray.report.plots import INSTALL_HINT
+
+    # The report is an extra: without matplotlib the demo still succeeds and says how to get it.
+    if importlib.util.find_spec("matplotlib") is None:
+        return (
+            f"report: skipped, it needs matplotlib ({INSTALL_HINT}), then: visualprm-ray report {output_uri}"
+        )
+    from visualprm_ray.report import write_report
+
+    path = write_report(output_uri, str(workdir / "report.html"))
+    return f"report: {path} (open it in a browser)"
+
+
 def run_demo(workdir: str | Path, *, emit=print) -> dict[str, Any]:
     from visualprm_ray.pipeline import run_job
 
@@ -77,4 +94,5 @@ def run_demo(workdir: str | Path, *, emit=print) -> dict[str, Any]:
     config = demo_config(workdir)
     manifest = run_job(config, emit=emit)
     emit(summarize(config.output.uri, manifest))
+    emit(demo_report(workdir, config.output.uri))
     return manifest

@@ -9,22 +9,19 @@ ship it to the scoring actors as plain columns.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from visualprm_ray.errors import ContextLengthError, RowError
 from visualprm_ray.prompt import conversation_head, conversation_tail, render_question, split_steps
 from visualprm_ray.tokenizer import Tokenizer, encode_shared_head, find_score_positions
 
+# The row errors live in errors.py with their kinds; re-exported here for existing callers.
+__all__ = ["ContextLengthError", "PreparedGroup", "RowError", "candidate_steps", "prepare_group"]
 
-class RowError(ValueError):
-    """A candidate or group that cannot be scored for a reason that lies in the input data."""
-
-    kind = "invalid_input"
-
-
-class ContextLengthError(RowError):
-    kind = "context_length"
+ContextPolicy = Literal["error", "truncate"]
 
 
 @dataclass
@@ -41,6 +38,9 @@ class PreparedGroup:
     tiles: np.ndarray  # uint8 [T, 448, 448, 3]; T may be 0
     steps: list[list[str]]
     errors: list[RowError | None]  # per candidate; None when it is scored
+    # Per candidate: only the first steps were kept because the whole conversation was over the
+    # context (context_policy "truncate"); ``steps[k]`` then holds the kept steps.
+    truncated: list[bool] = field(default_factory=list)
 
     def scorable(self, k: int) -> bool:
         return self.errors[k] is None
@@ -65,12 +65,15 @@ def candidate_steps(response: str | Sequence[str], max_steps: int | None) -> lis
     ):
         steps = list(response.tolist() if hasattr(response, "tolist") else response)
         if not steps:
-            raise RowError("pre-split steps are empty")
+            raise RowError("pre-split steps are empty", kind="invalid_response")
         bad = [type(s).__name__ for s in steps if not isinstance(s, str)]
         if bad:
-            raise RowError(f"pre-split steps must be strings, got {bad[0]}")
+            raise RowError(f"pre-split steps must be strings, got {bad[0]}", kind="invalid_response")
         return steps
-    raise RowError(f"a response must be a string or a list of step strings, got {type(response).__name__}")
+    raise RowError(
+        f"a response must be a string or a list of step strings, got {type(response).__name__}",
+        kind="invalid_response",
+    )
 
 
 def common_prefix_length(sequences: Sequence[np.ndarray]) -> int:
@@ -94,6 +97,7 @@ def prepare_group(
     image_tokens_per_tile: int,
     image_token_id: int,
     max_context: int | None = None,
+    context_policy: ContextPolicy = "error",
 ) -> PreparedGroup:
     """Tokenize every candidate of a group and split off the shared prefix.
 
@@ -102,53 +106,95 @@ def prepare_group(
     that injects image tokens, a conversation longer than ``max_context``) are recorded in
     ``errors[k]`` and that candidate is left out of the shared prefix and of scoring. A caller may
     pass a ``RowError`` in place of a candidate's steps to carry an earlier failure through.
+
+    With ``context_policy="truncate"`` a conversation over ``max_context`` keeps its longest run of
+    leading steps that fits (whole steps only: a step cut in the middle would be scored on text
+    the policy never finished) and is flagged in ``truncated[k]``; if not even the first step
+    fits, it is a ``context_length`` error as under ``"error"``.
     """
     if not isinstance(question, str) or not question:
-        raise RowError("question is missing or not a non-empty string")
+        raise RowError("question is missing or not a non-empty string", kind="invalid_question")
     if not steps_per_candidate:
-        raise RowError("the group has no candidate responses")
+        raise RowError("the group has no candidate responses", kind="no_candidates")
     tile_counts = [int(t.shape[0]) for t in tiles_per_image]
     try:
         head = conversation_head(
             render_question(question, tile_counts, image_tokens_per_tile), system_message
         )
     except ValueError as exc:
-        raise RowError(str(exc)) from exc
+        raise RowError(str(exc), kind="image_placeholder_mismatch") from exc
     expected_image_tokens = sum(tile_counts) * image_tokens_per_tile
     empty = np.zeros(0, dtype=np.int64)
     tails = [conversation_tail(s) if not isinstance(s, RowError) and s else "" for s in steps_per_candidate]
     encoded = encode_shared_head(tokenizer, head, tails)
+
+    def checked(steps: Sequence[str], ids) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)
+        try:
+            pos = find_score_positions(ids, tokenizer, len(steps))
+        except ValueError as exc:
+            raise RowError(str(exc), kind="steps_unplaceable") from exc
+        found = int((ids == image_token_id).sum())
+        if found != expected_image_tokens:
+            raise RowError(
+                f"text holds {found} image tokens where the images need {expected_image_tokens}",
+                kind="image_tokens_in_text",
+            )
+        if max_context is not None and len(ids) > max_context:
+            raise ContextLengthError(f"conversation has {len(ids)} tokens, over the context of {max_context}")
+        return ids, pos
+
+    def longest_fitting(steps: Sequence[str]) -> tuple[int, np.ndarray, np.ndarray]:
+        # Tokens grow with every step kept, so the number of steps that fit is found by bisection
+        # (a handful of re-encodings of this one candidate).
+        best: tuple[int, np.ndarray, np.ndarray] | None = None
+        lo, hi = 1, len(steps) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ids = encode_shared_head(tokenizer, head, [conversation_tail(steps[:mid])])[0]
+            try:
+                best = (mid, *checked(steps[:mid], ids))
+                lo = mid + 1
+            except ContextLengthError:
+                hi = mid - 1
+        if best is None:
+            raise ContextLengthError(
+                f"not even the first step fits: the conversation up to it is over the context of {max_context}"
+            )
+        return best
+
     sequences: list[np.ndarray] = []
     positions: list[np.ndarray] = []
     errors: list[RowError | None] = []
+    kept_steps: list[list[str]] = []
+    truncated: list[bool] = []
     for steps, ids in zip(steps_per_candidate, encoded, strict=True):
+        kept = [] if isinstance(steps, RowError) else list(steps)
+        cut = False
         try:
             if isinstance(steps, RowError):
                 raise steps
             if not steps:
-                raise RowError("a response needs at least one step")
-            ids = np.asarray(ids, dtype=np.int64)
+                raise RowError("a response needs at least one step", kind="invalid_response")
             try:
-                pos = find_score_positions(ids, tokenizer, len(steps))
-            except ValueError as exc:
-                raise RowError(str(exc)) from exc
-            if max_context is not None and len(ids) > max_context:
-                raise ContextLengthError(
-                    f"conversation has {len(ids)} tokens, over the context of {max_context}"
-                )
-            found = int((ids == image_token_id).sum())
-            if found != expected_image_tokens:
-                raise RowError(
-                    f"text holds {found} image tokens where the images need {expected_image_tokens}"
-                )
+                ids, pos = checked(steps, ids)
+            except ContextLengthError:
+                if context_policy != "truncate":
+                    raise
+                n, ids, pos = longest_fitting(steps)
+                kept, cut = kept[:n], True
         except RowError as exc:
             sequences.append(empty)
             positions.append(empty)
             errors.append(exc)
+            kept_steps.append(kept)
+            truncated.append(False)
             continue
         sequences.append(ids)
         positions.append(pos)
         errors.append(None)
+        kept_steps.append(kept)
+        truncated.append(cut)
     valid = [s for s, e in zip(sequences, errors, strict=True) if e is None]
     p = common_prefix_length(valid) if valid else 0
     tiles = np.concatenate(tiles_per_image) if tiles_per_image else np.zeros((0, 0, 0, 3), dtype=np.uint8)
@@ -157,6 +203,7 @@ def prepare_group(
         suffixes=[s[p:].copy() if e is None else empty for s, e in zip(sequences, errors, strict=True)],
         positions=positions,
         tiles=tiles,
-        steps=[list(s) if not isinstance(s, RowError) else [] for s in steps_per_candidate],
+        steps=kept_steps,
         errors=errors,
+        truncated=truncated,
     )

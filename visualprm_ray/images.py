@@ -10,6 +10,8 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from visualprm_ray.errors import ImageError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -19,24 +21,23 @@ if TYPE_CHECKING:
 DEFAULT_MAX_PIXELS = 64_000_000
 
 
-class ImageError(ValueError):
-    """An image cannot be used: undecodable, missing, empty or over the pixel limit."""
-
-
 def open_image_bytes(
     data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, name: str = "image"
 ) -> Image.Image:
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise ImageError(f"{name} is empty (0 bytes)")
+        raise ImageError(f"{name} is empty (0 bytes)", kind="image_empty")
     try:
         # PIL's own bomb check raises on > 2x its limit and only warns below; ours is explicit.
         with _pil_bomb_check_off():
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(f"{name} has {width}x{height} pixels, over the limit of {max_pixels}")
+                raise ImageError(
+                    f"{name} has {width}x{height} pixels, over the limit of {max_pixels}",
+                    kind="image_too_large",
+                )
             image.load()
     except ImageError:
         raise
@@ -73,7 +74,7 @@ def read_uri_bytes(uri: str, *, root: str | None = None, options: StorageOptions
     try:
         return with_retries(read, what=f"reading image {uri}", retries=options.retries if options else 5)
     except (FileNotFoundError, IsADirectoryError) as exc:
-        raise ImageError(f"image not found: {uri}") from exc
+        raise ImageError(f"image not found: {uri}", kind="image_missing") from exc
 
 
 def load_image(
@@ -88,27 +89,35 @@ def load_image(
     from PIL import Image
 
     if isinstance(obj, (bytes, bytearray, memoryview)) and max_bytes is not None and len(obj) > max_bytes:
-        raise ImageError(f"image has {len(obj)} bytes, over the limit of {max_bytes}")
+        raise ImageError(f"image has {len(obj)} bytes, over the limit of {max_bytes}", kind="image_too_large")
     if isinstance(obj, Image.Image):
         width, height = obj.size
         if max_pixels is not None and width * height > max_pixels:
-            raise ImageError(f"image has {width}x{height} pixels, over the limit of {max_pixels}")
+            raise ImageError(
+                f"image has {width}x{height} pixels, over the limit of {max_pixels}", kind="image_too_large"
+            )
         return obj
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return open_image_bytes(bytes(obj), max_pixels=max_pixels)
     if isinstance(obj, dict):
-        if obj.get("bytes"):
+        # b"" is an (empty) image payload, not an absent one: it must be reported as empty.
+        if obj.get("bytes") is not None:
             if max_bytes is not None and len(obj["bytes"]) > max_bytes:
-                raise ImageError(f"image has {len(obj['bytes'])} bytes, over the limit of {max_bytes}")
+                raise ImageError(
+                    f"image has {len(obj['bytes'])} bytes, over the limit of {max_bytes}",
+                    kind="image_too_large",
+                )
             return open_image_bytes(obj["bytes"], max_pixels=max_pixels, name=obj.get("path") or "image")
         if obj.get("path"):
             obj = obj["path"]
         else:
-            raise ImageError("image struct has neither bytes nor path")
+            raise ImageError("image struct has neither bytes nor path", kind="image_missing")
     if isinstance(obj, (str, Path)):
         uri = str(obj)
         data = read_uri_bytes(uri, root=root, options=options)
         if max_bytes is not None and len(data) > max_bytes:
-            raise ImageError(f"{uri} has {len(data)} bytes, over the limit of {max_bytes}")
+            raise ImageError(
+                f"{uri} has {len(data)} bytes, over the limit of {max_bytes}", kind="image_too_large"
+            )
         return open_image_bytes(data, max_pixels=max_pixels, name=uri)
-    raise ImageError(f"unsupported image value of type {type(obj).__name__}")
+    raise ImageError(f"unsupported image value of type {type(obj).__name__}", kind="image_unsupported")

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from visualprm_ray.resume import JOB_RECORD, Committed
 from visualprm_ray.stages.aggregate import aggregate
 from visualprm_ray.stages.prepare import PrepareStage
 from visualprm_ray.stages.read import ReadPlan, plan_read, read_groups
@@ -40,22 +41,75 @@ class Resources:
 
 @dataclass
 class Counts:
+    """What went in and what came out; ``in == scored + errored + skipped`` or the job fails.
+
+    ``scored``, ``errored`` and the breakdowns count candidate rows written by this attempt;
+    ``skipped`` counts candidates committed by earlier attempts (resume). Groups without any
+    candidate leave one error row each (``empty_groups``), outside the candidate equation.
+    """
+
     groups_in: int = 0
     candidates_in: int = 0
     empty_groups: int = 0
-    rows_out: int = 0
+    skipped: int = 0
     scored: int = 0
     errored: int = 0
     errors_by_stage: dict[str, int] = field(default_factory=dict)
     errors_by_kind: dict[str, int] = field(default_factory=dict)
+    rows_out: int = 0  # rows written by this attempt (candidate rows + empty-group rows)
+    rows_total: int = 0  # rows in the output, earlier attempts included
+    duplicates: int = 0  # (id, candidate_index) keys found more than once in the output
+    missing: int = 0  # candidates of the input with no output row
+    empty_group_rows: int = 0  # output rows of groups without candidates, all attempts
+
+    def problems(self) -> list[str]:
+        """Why the output cannot be trusted; empty when it can."""
+        out = []
+        if self.candidates_in != self.scored + self.errored + self.skipped:
+            out.append(
+                f"candidates in ({self.candidates_in}) != scored ({self.scored}) + errored "
+                f"({self.errored}) + skipped ({self.skipped})"
+            )
+        if self.duplicates:
+            out.append(f"{self.duplicates} candidate row(s) written more than once")
+        if self.missing:
+            out.append(f"{self.missing} candidate(s) of the input have no output row")
+        if self.empty_group_rows != self.empty_groups:
+            out.append(
+                f"{self.empty_groups} group(s) without candidates in the input, "
+                f"{self.empty_group_rows} such row(s) in the output"
+            )
+        return out
 
 
-def build_dataset(config: JobConfig, plan: ReadPlan, resources: Resources, *, progress: str | None = None):
-    """The lazy dataset of output rows (candidate rows in the output schema)."""
+class JobCheckError(RuntimeError):
+    """The output failed the count check: rows lost or doubled. Never silently accepted."""
+
+
+def build_dataset(
+    config: JobConfig,
+    plan: ReadPlan,
+    resources: Resources,
+    *,
+    progress: str | None = None,
+    journal: str | None = None,
+    skip_ids=None,
+    input_rows: int | None = None,
+):
+    """The lazy dataset of output rows (candidate rows in the output schema).
+
+    ``journal`` names the crash journal actor (poison-row isolation, :mod:`visualprm_ray.journal`);
+    ``skip_ids`` is an object-store reference to the ids already committed (resume);
+    ``input_rows`` (rows of the input files) sizes the blocks so there are about
+    ``resources.num_blocks`` of them.
+    """
     from ray.data import ActorPoolStrategy
 
+    from visualprm_ray import faults
+
     rt = config.runtime
-    ds = read_groups(config, plan, num_blocks=resources.num_blocks)
+    rows_per_block = max(1, -(-(input_rows or resources.num_blocks) // resources.num_blocks))
+    ds = read_groups(config, plan, rows_per_block=rows_per_block, skip_ids=skip_ids)
     ds = ds.map_batches(
         PrepareStage,
         fn_constructor_kwargs={"config": config, "model_dir": config.model.source, "progress": progress},
@@ -71,13 +125,19 @@ def build_dataset(config: JobConfig, plan: ReadPlan, resources: Resources, *, pr
             "model_dir": config.model.source,
             "device": resources.device,
             "progress": progress,
+            "journal": journal,
         },
         compute=ActorPoolStrategy(size=resources.num_scorers),
         num_cpus=rt.cpus_per_scorer,
         num_gpus=resources.gpus_per_scorer,
         batch_size=rt.groups_per_batch,
         batch_format="pyarrow",
-        max_task_retries=rt.max_task_retries,
+        # A dead actor is restarted by Ray (max_restarts=-1 in Ray Data) and its batch retried.
+        # Poison groups need up to max_crashes retries each before the journal records them,
+        # on top of the retries kept for ordinary failures (a lost node, a preemption).
+        max_task_retries=rt.max_task_retries + rt.groups_per_batch * rt.max_crashes_per_group,
+        # Test-only fault injection travels to the actors only when the driver has it set.
+        **({"runtime_env": {"env_vars": faults.forwarded_env()}} if faults.forwarded_env() else {}),
     )
     ds = ds.map_batches(aggregate, batch_format="pyarrow")
     # An instance (not the class): a plain function for Ray, fused into the write task.
@@ -129,17 +189,26 @@ def init_ray(config: JobConfig) -> None:
 
 
 def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
-    """Candidates in, from the input files alone (independent of what the pipeline did)."""
+    """Candidates in, from the input files alone (independent of what the pipeline did).
+
+    Also refuses an input whose group ids repeat: resume and the exactly-once check key on the
+    id, so two groups with one id could not be told apart.
+    """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from visualprm_ray.storage import pyarrow_filesystem
+    from visualprm_ray.storage import pyarrow_filesystem, redact
 
     counts = Counts()
-    column = config.input.responses_column if plan.layout == "grouped" else config.input.id_column
+    inp = config.input
+    column = inp.responses_column if plan.layout == "grouped" else inp.id_column
+    check_ids = plan.layout == "grouped" and plan.has_id
+    seen: dict[str, str] = {}
     for uri in plan.files:
         fs, path = pyarrow_filesystem(uri, config.storage)
-        values = pq.read_table(path, filesystem=fs, columns=[column])[column]
+        columns = [column, inp.id_column] if check_ids else [column]
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        values = table[column]
         if plan.layout == "grouped":
             lengths = pc.fill_null(pc.list_value_length(values), 0)
             counts.groups_in += len(values)
@@ -147,33 +216,61 @@ def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
             counts.empty_groups += int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
         else:
             counts.candidates_in += len(values)
-            counts.groups_in += 0  # distinct ids are counted from the output
+        if check_ids:
+            for value in table[inp.id_column].cast("string").to_pylist():
+                if value is None:
+                    raise ValueError(
+                        f"{redact(uri)}: a row has a null {inp.id_column!r}; every group needs an id"
+                    )
+                if value in seen:
+                    raise ValueError(
+                        f"group id {value!r} appears more than once ({redact(seen[value])}, {redact(uri)}); "
+                        f"resume and the exactly-once check key on {inp.id_column!r}, so ids must be unique"
+                    )
+                seen[value] = uri
     return counts
 
 
-def count_output(config: JobConfig, counts: Counts) -> Counts:
+def count_output(config: JobConfig, counts: Counts, committed: Committed) -> Counts:
+    """Fill in what came out, from the output files alone, and check it against what went in."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from visualprm_ray.storage import list_files, pyarrow_filesystem
 
-    ids = set()
+    earlier = set(committed.files)
+    keys: list[pa.Table] = []
+    ids: set[str] = set()
     for uri in list_files(config.output.uri, config.storage):
         fs, path = pyarrow_filesystem(uri, config.storage)
-        table = pq.read_table(path, filesystem=fs, columns=["id", "error", "error_stage"])
+        table = pq.read_table(
+            path, filesystem=fs, columns=["id", "candidate_index", "error", "error_kind", "error_stage"]
+        )
+        counts.rows_total += len(table)
+        ids.update(table["id"].to_pylist())
+        candidates = table.filter(pc.is_valid(table["candidate_index"]))
+        counts.empty_group_rows += len(table) - len(candidates)
+        keys.append(candidates.select(["id", "candidate_index"]))
+        if uri in earlier:
+            counts.skipped += len(candidates)
+            continue
         counts.rows_out += len(table)
-        errored = pc.is_valid(table["error"])
-        counts.errored += int(pc.sum(errored).as_py() or 0)
-        for stage, error in zip(
-            table["error_stage"].filter(errored).to_pylist(),
-            table["error"].filter(errored).to_pylist(),
-            strict=True,
+        errored = candidates.filter(pc.is_valid(candidates["error"]))
+        counts.errored += len(errored)
+        counts.scored += len(candidates) - len(errored)
+        for stage, kind in zip(
+            errored["error_stage"].to_pylist(), errored["error_kind"].to_pylist(), strict=True
         ):
             counts.errors_by_stage[stage] = counts.errors_by_stage.get(stage, 0) + 1
-            kind = error.split(":", 1)[0]
             counts.errors_by_kind[kind] = counts.errors_by_kind.get(kind, 0) + 1
-        ids.update(table["id"].to_pylist())
-    counts.scored = counts.rows_out - counts.errored
+    if keys:
+        all_keys = pa.concat_tables(keys)
+        distinct = all_keys.group_by(["id", "candidate_index"]).aggregate([]).num_rows
+        counts.duplicates = len(all_keys) - distinct
+        counts.missing = max(0, counts.candidates_in - distinct)
+    else:
+        counts.missing = counts.candidates_in
     counts.groups_in = counts.groups_in or len(ids)
     return counts
 
@@ -222,8 +319,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# What a run writes into its output directory; an overwrite removes these and nothing else.
+JOB_FILES = (MANIFEST, SUCCESS, JOB_RECORD, "_report.html")
+
+
 def prepare_output(config: JobConfig) -> bool:
-    """Apply ``output.mode``; returns False when a complete run is already there (nothing to do)."""
+    """Apply ``output.mode``; returns False when a complete run is already there (nothing to do).
+
+    ``resume`` keeps an unfinished run's files: :func:`visualprm_ray.resume.scan_committed`
+    decides which of them count. ``overwrite`` removes the job's own files (Parquet files and
+    the bookkeeping in :data:`JOB_FILES`); anything else a user keeps there is left alone.
+    """
     from visualprm_ray.storage import fsspec_filesystem
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
@@ -232,64 +338,115 @@ def prepare_output(config: JobConfig) -> bool:
         return True
     if config.output.mode == "error":
         raise FileExistsError(f"output {config.output.uri} already holds files (output.mode is 'error')")
-    complete = fs.exists(f"{path}/{SUCCESS}")
-    if config.output.mode == "resume" and complete:
-        return False
-    # 'overwrite', or an incomplete earlier run: start clean so no row is written twice. Only the
-    # job's own files go; anything else a user keeps there is left alone.
-    for entry in fs.ls(path, detail=False):
+    if config.output.mode == "resume":
+        return not fs.exists(f"{path}/{SUCCESS}")
+    for entry in fs.find(path):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(".parquet") or name in (MANIFEST, SUCCESS):
+        if name.endswith(".parquet") or name in JOB_FILES:
             fs.rm(entry)
     return True
 
 
+def apply_limits(config: JobConfig) -> None:
+    """Ray Data's guards against a job that hangs instead of failing (set on the driver)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    # No operator making progress for this long (an actor pool that can never be placed, a read
+    # that hangs) fails the job with Ray Data's own message, which names the stalled operators.
+    # The guard is off for pipelines with all-to-all operators, hence the streaming repartition
+    # in the read stage.
+    ctx.execution_no_progress_timeout_s = config.runtime.stall_timeout_s
+    # Data problems are rows with errors, never failed blocks: a failed block is a bug.
+    ctx.max_errored_blocks = 0
+
+
 def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
-    """Run a scoring job to completion and return its manifest."""
+    """Run a scoring job to completion and return its manifest.
+
+    Raises :class:`JobCheckError` (after writing the manifest, without ``_SUCCESS``) when the
+    output does not hold every input candidate exactly once.
+    """
     import pyarrow.parquet  # noqa: F401 - fail early if the Parquet support is missing
     import ray
 
+    from visualprm_ray.journal import start_journal
     from visualprm_ray.progress import ProgressPrinter
+    from visualprm_ray.resume import check_job_record, job_record, scan_committed
     from visualprm_ray.storage import fsspec_filesystem, pyarrow_filesystem, redact
 
     started = time.time()
-    init_ray(config)
-    if not prepare_output(config):
+    if not prepare_output(config):  # before Ray starts: a finished job costs nothing to rerun
         emit(f"[visualprm-ray] {config.output.uri} already holds a complete run ({SUCCESS}); nothing to do")
         fs, path = fsspec_filesystem(config.output.uri, config.storage)
         return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+    init_ray(config)
+    apply_limits(config)
     plan = plan_read(config)
     resources = plan_resources(config)
     counts = count_input(config, plan)
+    fingerprint = model_fingerprint(config)
+    check_job_record(config, job_record(config, fingerprint))
+    committed = scan_committed(config) if config.output.mode == "resume" else Committed()
     emit(
         f"[visualprm-ray] {len(plan.files)} file(s), layout {plan.layout}, {counts.candidates_in} candidates; "
         f"{resources.num_scorers} scorer(s) on {resources.device}, {resources.num_preparers} preparer(s)"
     )
-    progress_name = f"visualprm-progress-{uuid.uuid4().hex[:8]}"
-    out_fs, out_path = pyarrow_filesystem(config.output.uri, config.storage)
-    with ProgressPrinter(
-        progress_name, config.runtime.progress_interval_s, total=counts.candidates_in, emit=emit
-    ) as progress:
-        ds = build_dataset(config, plan, resources, progress=progress_name)
-        compression = None if config.output.compression == "none" else config.output.compression
-        ds.write_parquet(
-            out_path,
-            filesystem=out_fs,
-            min_rows_per_file=config.output.min_rows_per_file,
-            compression=compression,
+    if committed.files or committed.removed:
+        emit(
+            f"[visualprm-ray] resuming: {len(committed.ids)} group(s), {committed.candidates} candidate(s) "
+            f"already committed in {len(committed.files)} file(s); skipped. Removed "
+            f"{len(committed.removed)} torn or duplicate file(s)."
         )
-        final = progress.snapshot()
+    suffix = uuid.uuid4().hex[:8]
+    progress_name, journal_name = f"visualprm-progress-{suffix}", f"visualprm-journal-{suffix}"
+    journal = start_journal(journal_name)
+    skip_ids = ray.put(committed.id_array()) if committed.ids else None
+    out_fs, out_path = pyarrow_filesystem(config.output.uri, config.storage)
+    try:
+        with ProgressPrinter(
+            progress_name,
+            config.runtime.progress_interval_s,
+            total=counts.candidates_in - committed.candidates,
+            emit=emit,
+        ) as progress:
+            ds = build_dataset(
+                config,
+                plan,
+                resources,
+                progress=progress_name,
+                journal=journal_name,
+                skip_ids=skip_ids,
+                input_rows=counts.groups_in if plan.layout == "grouped" else counts.candidates_in,
+            )
+            compression = None if config.output.compression == "none" else config.output.compression
+            ds.write_parquet(
+                out_path,
+                filesystem=out_fs,
+                min_rows_per_file=config.output.min_rows_per_file,
+                compression=compression,
+            )
+            final = progress.snapshot()
+    finally:
+        ray.kill(journal)
     finished = time.time()
-    counts = count_output(config, counts)
+    counts = count_output(config, counts, committed)
+    problems = counts.problems()
     elapsed = finished - started
     manifest = {
-        "status": "complete",
+        "status": "complete" if not problems else "failed_check",
+        "problems": problems,
         "config": config.redacted_dict(),
-        "model": {"source": redact(config.model.source), "weights_fingerprint": model_fingerprint(config)},
+        "model": {"source": redact(config.model.source), "weights_fingerprint": fingerprint},
         "layout": plan.layout,
         "input_files": [redact(f) for f in plan.files],
         "resources": resources.__dict__,
         "counts": counts.__dict__,
+        "resume": {
+            "files_kept": len(committed.files),
+            "files_removed": [redact(f) for f in committed.removed],
+            "groups_skipped": len(committed.ids),
+        },
         "timings": {
             "started": started,
             "finished": finished,
@@ -308,13 +465,23 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
     with fs.open(f"{path}/{MANIFEST}", "w") as f:
         json.dump(manifest, f, indent=2, default=str)
+    summary = (
+        f"{counts.candidates_in} candidates in: {counts.scored} scored, {counts.errored} errored, "
+        f"{counts.skipped} skipped (already done)"
+    )
+    if problems:
+        emit(f"[visualprm-ray] FAILED the count check: {summary}; " + "; ".join(problems))
+        raise JobCheckError(
+            f"output {redact(config.output.uri)} failed the count check: " + "; ".join(problems)
+        )
     # Written last: readers of a finished run wait for this marker.
     with fs.open(f"{path}/{SUCCESS}", "w") as f:
         f.write("")
+    by_kind = ", ".join(f"{k} {v}" for k, v in sorted(counts.errors_by_kind.items()))
     emit(
-        f"[visualprm-ray] done in {elapsed:.1f}s: {counts.candidates_in} candidates in, {counts.scored} scored, "
-        f"{counts.errored} errored, {counts.rows_out} rows written ({counts.scored / elapsed:.2f} rows/s) "
-        f"-> {redact(config.output.uri)}"
+        f"[visualprm-ray] done in {elapsed:.1f}s: {summary}"
+        + (f" [{by_kind}]" if by_kind else "")
+        + (f", {counts.empty_groups} group(s) without candidates" if counts.empty_groups else "")
+        + f"; {counts.rows_out} rows written ({counts.scored / elapsed:.2f} rows/s) -> {redact(config.output.uri)}"
     )
-    del ray
     return manifest

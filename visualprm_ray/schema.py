@@ -44,8 +44,19 @@ RESULT_COLUMNS = [
     Column("is_best", pa.bool_(), "True for the single best-scoring candidate of the group."),
     Column("num_tiles", pa.int32(), "Image tiles the candidate was scored with (thumbnails included)."),
     Column("num_tokens", pa.int32(), "Tokens in the candidate's full scored conversation."),
-    Column("error", pa.string(), "Why the candidate was not scored; null when it was."),
-    Column("error_stage", pa.string(), "Stage that refused it: read, prepare or score; null when scored."),
+    Column(
+        "truncated",
+        pa.bool_(),
+        "True when the conversation was over the context and only the leading steps that fit were "
+        "scored (scoring.context_policy 'truncate'); null for an unscored row.",
+    ),
+    Column("error", pa.string(), "Why the candidate was not scored, in words; null when it was."),
+    Column(
+        "error_kind",
+        pa.string(),
+        "The error's kind, one of a fixed set (see visualprm_ray.errors.ERROR_KINDS); null when scored.",
+    ),
+    Column("error_stage", pa.string(), "Stage that refused it: prepare or score; null when scored."),
 ]
 OUTPUT_COLUMNS = KEY_COLUMNS + RESULT_COLUMNS
 OUTPUT_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in OUTPUT_COLUMNS])

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from visualprm_ray.group import PreparedGroup, RowError, candidate_steps, prepare_group
+from visualprm_ray.group import ContextPolicy, PreparedGroup, RowError, candidate_steps, prepare_group
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +48,8 @@ class ScoredResponse:
     score_min: float | None = None
     score_last: float | None = None
     error: str | None = None
+    error_kind: str | None = None  # one of visualprm_ray.errors.ERROR_KINDS when error is set
+    truncated: bool = False  # only the leading steps that fit the context were scored
 
 
 def normalize_tiles(tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -472,6 +474,7 @@ class VisualPRM:
         max_tiles: int | None = None,
         max_pixels: int | None = None,
         system_message: str | None = None,
+        context_policy: ContextPolicy = "error",
     ) -> None:
         from visualprm_ray.images import DEFAULT_MAX_PIXELS
 
@@ -484,6 +487,7 @@ class VisualPRM:
         self.max_tiles = max_tiles or self.info.max_tiles
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         self.system_message = self.info.system_message if system_message is None else system_message
+        self.context_policy: ContextPolicy = context_policy
 
     @classmethod
     def from_pretrained(
@@ -546,6 +550,7 @@ class VisualPRM:
             image_tokens_per_tile=self.info.image_tokens_per_tile,
             image_token_id=self.info.image_token_id,
             max_context=self.info.max_context,
+            context_policy=self.context_policy,
         )
 
     def score(
@@ -571,8 +576,10 @@ class VisualPRM:
                     raise err
         scores = self.scorer.score([group])[0]
         return [
-            _result(r, steps, s, e)
-            for r, steps, s, e in zip(responses, group.steps, scores, group.errors, strict=True)
+            _result(r, steps, s, e, cut)
+            for r, steps, s, e, cut in zip(
+                responses, group.steps, scores, group.errors, group.truncated, strict=True
+            )
         ]
 
     def select_best(
@@ -588,9 +595,13 @@ class VisualPRM:
         return [(responses[i], results[i].score) for i in order]
 
 
-def _result(response, steps, scores: np.ndarray | None, error: RowError | None) -> ScoredResponse:
+def _result(
+    response, steps, scores: np.ndarray | None, error: RowError | None, truncated: bool = False
+) -> ScoredResponse:
     if scores is None:
-        return ScoredResponse(response, steps, [], None, error=str(error) if error else "not scored")
+        if error is None:
+            raise AssertionError("a candidate with neither scores nor an error")  # a bug of ours
+        return ScoredResponse(response, steps, [], None, error=str(error), error_kind=error.kind)
     values = [float(x) for x in scores]
     return ScoredResponse(
         response,
@@ -599,6 +610,7 @@ def _result(response, steps, scores: np.ndarray | None, error: RowError | None) 
         float(np.mean(scores, dtype=np.float64)) if values else math.nan,
         score_min=min(values),
         score_last=values[-1],
+        truncated=truncated,
     )
 
 

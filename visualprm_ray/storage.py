@@ -16,7 +16,9 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -166,7 +168,54 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple
     if _is_local(uri):
         return pyarrow.fs.LocalFileSystem(), _local_path(split_uri(uri)[1])
     fs, path = fsspec_filesystem(uri, options)
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+    protocol = split_uri(uri)[0]
+    retries = (options or StorageOptions()).retries
+    handler = _retrying_writes_class()(fs, protocol=protocol, retries=retries)
+    return pyarrow.fs.PyFileSystem(handler), path
+
+
+@functools.cache
+def _retrying_writes_class():
+    # Built on first use: pyarrow.fs is only imported by code that touches data.
+    import pyarrow.fs
+
+    class RetryingWrites(pyarrow.fs.FSSpecHandler):
+        """fsspec behind pyarrow, with every written file uploaded in one retried call.
+
+        Ray Data's writer streams into ``open_output_stream`` and only retries pyarrow's native
+        S3 errors; through fsspec a throttled or failing upload would surface as a bare
+        ``OSError`` naming no file. Buffering the file (output files are score tables, small) and
+        uploading it with :func:`with_retries` on close gives writes the same backoff as reads and,
+        when the store keeps failing, a :class:`StorageError` naming the object.
+        """
+
+        def __init__(self, fs, *, protocol: str, retries: int) -> None:
+            super().__init__(fs)
+            self.protocol = protocol
+            self.retries = retries
+
+        def open_output_stream(self, path, metadata):
+            from pyarrow import PythonFile
+
+            return PythonFile(_UploadOnClose(self.fs, path, self.protocol, self.retries), mode="w")
+
+    return RetryingWrites
+
+
+class _UploadOnClose(io.BytesIO):
+    def __init__(self, fs, path: str, protocol: str, retries: int) -> None:
+        super().__init__()
+        self._fs, self._path, self._protocol, self._retries = fs, path, protocol, retries
+
+    def close(self) -> None:
+        if not self.closed:
+            data = self.getvalue()
+            super().close()
+            with_retries(
+                lambda: self._fs.pipe_file(self._path, data),
+                what=f"write {_join_uri(self._protocol, self._path)}",
+                retries=self._retries,
+            )
 
 
 def _join_uri(protocol: str, path: str) -> str:
@@ -288,7 +337,7 @@ def with_retries(fn: Callable[[], T], *, what: str, retries: int = 5, base_delay
                 raise
             message = redact(f"{type(exc).__name__}: {exc}")
             if attempt + 1 >= attempts:
-                raise StorageError(f"{what}: failed after {attempts} attempt(s): {message}") from exc
+                raise StorageError(f"{redact(what)}: failed after {attempts} attempt(s): {message}") from exc
             # Full-range jitter de-synchronises many workers that failed at the same moment.
             delay = min(30.0, base_delay * (2**attempt)) * random.uniform(0.5, 1.5)
             logger.warning(

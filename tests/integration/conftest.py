@@ -37,3 +37,14 @@ def tiny_model(tmp_path_factory):
     from visualprm_ray.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_local, tmp_path_factory):
+    """One finished demo run (sample rollouts, tiny checkpoint, the full job), shared by the tests
+    that read a real output table: the report, the notebook and the evaluations."""
+    from visualprm_ray.demo import run_demo
+
+    workdir = tmp_path_factory.mktemp("demo")
+    manifest = run_demo(workdir, emit=lambda *_: None)
+    return workdir, manifest

@@ -26,6 +26,8 @@ NUM_STEPS = "_vp_num_steps"
 RESPONSE_TEXT = "_vp_response_text"
 CANDIDATE_ERROR = "_vp_candidate_error"
 CANDIDATE_ERROR_STAGE = "_vp_candidate_error_stage"
+CANDIDATE_ERROR_KIND = "_vp_candidate_error_kind"
+TRUNCATED = "_vp_truncated"
 
 # Written by score.
 STEP_SCORES = "_vp_step_scores"
@@ -36,6 +38,7 @@ PREPARED_ONLY = (PREFIX, SUFFIXES, POSITIONS, TILES, TILE_SIZE)
 # A problem of the whole group (its images, its question), written to every candidate row.
 GROUP_ERROR = "_vp_group_error"
 GROUP_ERROR_STAGE = "_vp_group_error_stage"
+GROUP_ERROR_KIND = "_vp_group_error_kind"
 
 # Written by aggregate.
 SCORE = "_vp_score"

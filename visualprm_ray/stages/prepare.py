@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from visualprm_ray import stages as col
-from visualprm_ray.group import RowError, candidate_steps, prepare_group
-from visualprm_ray.images import ImageError, load_image
+from visualprm_ray.errors import ImageError, RowError
+from visualprm_ray.group import candidate_steps, prepare_group
+from visualprm_ray.images import load_image
 
 if TYPE_CHECKING:
     from visualprm_ray.config import JobConfig
@@ -38,8 +39,11 @@ PREPARED_COLUMNS = {
     col.NUM_STEPS: _INT_LIST,
     col.CANDIDATE_ERROR: _STR_LIST,
     col.CANDIDATE_ERROR_STAGE: _STR_LIST,
+    col.CANDIDATE_ERROR_KIND: _STR_LIST,
+    col.TRUNCATED: pa.list_(pa.bool_()),
     col.GROUP_ERROR: pa.string(),
     col.GROUP_ERROR_STAGE: pa.string(),
+    col.GROUP_ERROR_KIND: pa.string(),
 }
 
 
@@ -49,13 +53,9 @@ def image_values(value: Any) -> list[Any]:
         return []
     if isinstance(value, (list, tuple)):
         if any(v is None for v in value):
-            raise ImageError("the image list holds a null entry")
+            raise ImageError("the image list holds a null entry", kind="image_missing")
         return list(value)
     return [value]
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class PrepareStage:
@@ -101,9 +101,11 @@ class PrepareStage:
             if steps is not None:
                 return candidate_steps(steps, None)  # pre-split steps are scored as given
             if response is None:
-                raise RowError("the response is null")
+                raise RowError("the response is null", kind="invalid_response")
             if not isinstance(response, str):
-                raise RowError(f"the response must be a string, got {type(response).__name__}")
+                raise RowError(
+                    f"the response must be a string, got {type(response).__name__}", kind="invalid_response"
+                )
             return candidate_steps(response, self.config.scoring.max_steps)
         except RowError as exc:
             return exc
@@ -127,12 +129,17 @@ class PrepareStage:
             col.NUM_STEPS: [None] * n,
             col.CANDIDATE_ERROR: [None] * n,
             col.CANDIDATE_ERROR_STAGE: [None] * n,
+            col.CANDIDATE_ERROR_KIND: [None] * n,
+            col.TRUNCATED: [None] * n,
             col.GROUP_ERROR: None,
             col.GROUP_ERROR_STAGE: None,
+            col.GROUP_ERROR_KIND: None,
         }
         try:
             if n == 0:
-                raise RowError("the group has no candidate responses (null or empty list)")
+                raise RowError(
+                    "the group has no candidate responses (null or empty list)", kind="no_candidates"
+                )
             tiles = self._tiles(row[col.IMAGE])
             steps = [
                 self._steps(r, steps_col[k] if steps_col is not None and k < len(steps_col) else None)
@@ -147,12 +154,14 @@ class PrepareStage:
                 image_tokens_per_tile=self.info.image_tokens_per_tile,
                 image_token_id=self.info.image_token_id,
                 max_context=self.max_context,
+                context_policy=self.config.scoring.context_policy,
             )
-        except (RowError, ImageError) as exc:
+        except RowError as exc:  # ImageError included; anything else is a bug and propagates
             if self.config.runtime.on_error == "raise":
                 raise
-            out[col.GROUP_ERROR] = _error_text(exc)
+            out[col.GROUP_ERROR] = str(exc)
             out[col.GROUP_ERROR_STAGE] = STAGE
+            out[col.GROUP_ERROR_KIND] = exc.kind
             return out
         if self.config.runtime.on_error == "raise":
             for err in group.errors:
@@ -164,12 +173,15 @@ class PrepareStage:
         out[col.TILES] = group.tiles.tobytes()
         out[col.NUM_TILES] = len(group.tiles)
         for k in range(n):
-            if group.errors[k] is None:
+            error = group.errors[k]
+            if error is None:
                 out[col.NUM_TOKENS][k] = group.sequence_length(k)
                 out[col.NUM_STEPS][k] = len(group.steps[k])
+                out[col.TRUNCATED][k] = group.truncated[k]
             else:
-                out[col.CANDIDATE_ERROR][k] = _error_text(group.errors[k])
+                out[col.CANDIDATE_ERROR][k] = str(error)
                 out[col.CANDIDATE_ERROR_STAGE][k] = STAGE
+                out[col.CANDIDATE_ERROR_KIND][k] = error.kind
         return out
 
     def __call__(self, table: pa.Table) -> pa.Table:

@@ -1,8 +1,9 @@
 """Read: Parquet shards -> one row per group, with the job's internal column names.
 
 ``read_parquet`` reads only the columns the job needs (the configured ones plus passthrough), over a
-pyarrow filesystem for any protocol, and the result is repartitioned because a small input comes
-back as a single block, which would leave all but one preparation actor idle. The flat layout (one
+pyarrow filesystem for any protocol, and the result is cut into blocks of a fixed number of rows
+because a small input comes back as a single block, which would leave all but one preparation
+actor idle. The flat layout (one
 row per candidate) is grouped by id with a shuffle so that ranks always see the whole group.
 """
 
@@ -100,8 +101,15 @@ def plan_read(config: JobConfig) -> ReadPlan:
     )
 
 
-def read_groups(config: JobConfig, plan: ReadPlan, *, num_blocks: int) -> ray.data.Dataset:
-    """The lazy dataset of group rows: internal columns plus passthrough columns."""
+def read_groups(
+    config: JobConfig, plan: ReadPlan, *, rows_per_block: int, skip_ids: ray.ObjectRef | None = None
+) -> ray.data.Dataset:
+    """The lazy dataset of group rows: internal columns plus passthrough columns.
+
+    ``skip_ids`` (a string array in the object store) holds the ids of groups an earlier attempt
+    already committed (:mod:`visualprm_ray.resume`); their rows are dropped right after the ids
+    are known, before any work is spent on them.
+    """
     import ray.data
 
     from visualprm_ray.storage import pyarrow_filesystem
@@ -121,8 +129,11 @@ def read_groups(config: JobConfig, plan: ReadPlan, *, num_blocks: int) -> ray.da
         columns=list(dict.fromkeys(wanted)),
         include_paths=not plan.has_id,
     )
-    ds = ds.repartition(num_blocks)
-    rename = _Rename(config, plan)
+    # Streaming (not all-to-all): blocks flow on as soon as their file is read, instead of the
+    # whole input being read before the first group is prepared, and Ray Data's no-progress
+    # guard (disabled for pipelines with all-to-all operators) stays on.
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    rename = _Rename(config, plan, skip_ids)
     ds = ds.map_batches(rename, batch_format="pyarrow", zero_copy_batch=True)
     if plan.layout == "flat":
         ds = ds.groupby(col.ID).map_groups(
@@ -136,8 +147,9 @@ def read_groups(config: JobConfig, plan: ReadPlan, *, num_blocks: int) -> ray.da
 class _Rename:
     """Configured column names -> internal names; derives ids where the input has none."""
 
-    def __init__(self, config: JobConfig, plan: ReadPlan) -> None:
+    def __init__(self, config: JobConfig, plan: ReadPlan, skip_ids: ray.ObjectRef | None = None) -> None:
         inp = config.input
+        self.skip_ids = skip_ids
         self.mapping = {inp.question_column: col.QUESTION, inp.image_column: col.IMAGE}
         if plan.layout == "grouped":
             self.mapping[inp.responses_column] = col.RESPONSES
@@ -170,7 +182,26 @@ class _Rename:
             table = table.set_column(
                 table.column_names.index(col.ID), col.ID, table[col.ID].cast(pa.string())
             )
+        if self.skip_ids is not None:
+            import pyarrow.compute as pc
+
+            done = pc.is_in(table[col.ID], value_set=_object(self.skip_ids))
+            table = table.filter(pc.invert(pc.fill_null(done, False)))
         return table
+
+
+_OBJECTS: dict[str, pa.Array] = {}
+
+
+def _object(ref: ray.ObjectRef) -> pa.Array:
+    """An object-store value, fetched once per worker process (the id set can be large)."""
+    import ray
+
+    key = ref.hex()
+    if key not in _OBJECTS:
+        _OBJECTS.clear()  # one job's set at a time
+        _OBJECTS[key] = ray.get(ref)
+    return _OBJECTS[key]
 
 
 def _derived_ids(table: pa.Table) -> list[str]:

@@ -9,16 +9,21 @@ batch's row count, decides how much goes through the model at once. The heavy pr
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from visualprm_ray import stages as col
+from visualprm_ray.errors import RowError
 from visualprm_ray.group import PreparedGroup
+
+STAGE = "score"
 
 if TYPE_CHECKING:
     from visualprm_ray.config import JobConfig
+    from visualprm_ray.errors import ErrorKind
 
 
 def _int_arrays(column: pa.ChunkedArray) -> list[np.ndarray]:
@@ -74,10 +79,40 @@ class _Recorded(Exception):
     """A candidate error recorded upstream; the scorer only needs to know the candidate is out."""
 
 
-class ScoreStage:
-    """Callable class for ``map_batches`` with an actor pool: adds per-candidate step scores."""
+# Budgets below this stop helping: a chunk already holds a single candidate.
+_MIN_TOKEN_BUDGET = 256
 
-    def __init__(self, config: JobConfig, model_dir: str, device: str, progress: str | None = None) -> None:
+
+@dataclass(frozen=True)
+class Failure:
+    """A candidate the device could not score; it becomes an error row of the score stage."""
+
+    kind: ErrorKind
+    message: str
+
+
+# Per group, per candidate: step scores, None (refused before scoring) or a Failure.
+GroupResult = list[np.ndarray | Failure | None]
+
+
+class ScoreStage:
+    """Callable class for ``map_batches`` with an actor pool: adds per-candidate step scores.
+
+    Faults are handled here so that one bad group never costs the job: a device out of memory
+    splits the batch, then shrinks the token budget, before recording ``out_of_memory`` for a
+    group that does not fit alone; a batch whose earlier attempt killed the actor is scored one
+    group at a time, and a group that keeps killing it is recorded as ``scorer_crash``
+    (see :mod:`visualprm_ray.journal`).
+    """
+
+    def __init__(
+        self,
+        config: JobConfig,
+        model_dir: str,
+        device: str,
+        progress: str | None = None,
+        journal: str | None = None,
+    ) -> None:
         from visualprm_ray.checkpoint import load_checkpoint
         from visualprm_ray.scorer import GroupScorer, resolve_model_source
 
@@ -103,25 +138,130 @@ class ScoreStage:
             vision_batch=config.scoring.vision_batch,
             mode=config.scoring.prefix_mode,
         )
+        self.max_crashes = config.runtime.max_crashes_per_group
+        from visualprm_ray import faults
+        from visualprm_ray.journal import JournalClient
         from visualprm_ray.progress import ProgressReporter
 
+        self.faults = faults.active_plan()
+        if self.faults is not None:
+            faults.install(self.faults, self.scorer)
+        self.journal = JournalClient(journal) if journal else None
         self.progress = ProgressReporter.connect(progress) if progress else None
+
+    # -- scoring with fault handling ------------------------------------------------------------
+
+    def _score(self, ids: list[str], groups: list[PreparedGroup]) -> list[GroupResult]:
+        """Scores per group; out of device memory, the work is split until it fits.
+
+        Halves of the batch first, then, for one group, smaller token budgets (fewer candidates
+        per forward), then one candidate at a time: only a candidate that does not fit even alone
+        is recorded as ``out_of_memory``, and its neighbours are still scored.
+        """
+        import torch
+
+        if self.faults is not None:
+            self.faults.before_score(ids)
+        try:
+            return self.scorer.score(groups)
+        except torch.OutOfMemoryError:
+            self._release_memory()
+        if len(groups) > 1:
+            half = len(groups) // 2
+            return self._score(ids[:half], groups[:half]) + self._score(ids[half:], groups[half:])
+        budget = self.scorer.token_budget
+        try:
+            while self.scorer.token_budget // 2 >= _MIN_TOKEN_BUDGET:
+                self.scorer.token_budget //= 2
+                try:
+                    return self.scorer.score(groups)
+                except torch.OutOfMemoryError:
+                    self._release_memory()
+            return [self._score_candidates_alone(groups[0])]
+        finally:
+            self.scorer.token_budget = budget
+
+    def _score_candidates_alone(self, group: PreparedGroup) -> GroupResult:
+        import torch
+
+        out: GroupResult = []
+        for k in range(group.num_candidates):
+            if not group.scorable(k):
+                out.append(None)
+                continue
+            # The same group with every other candidate set aside: same prefix, one suffix.
+            aside = RowError("scored on its own")
+            alone = replace(group, errors=[e if j == k else (e or aside) for j, e in enumerate(group.errors)])
+            try:
+                out.append(self.scorer.score([alone])[0][k])
+            except torch.OutOfMemoryError:
+                self._release_memory()
+                out.append(
+                    Failure(
+                        "out_of_memory",
+                        f"the device ran out of memory scoring this candidate alone "
+                        f"({group.sequence_length(k)} tokens, token budget {self.scorer.token_budget})",
+                    )
+                )
+        return out
+
+    def _release_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()  # the failed forward's tensors are only garbage once its frames are gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _score_live(self, ids: list[str], groups: list[PreparedGroup]) -> list[GroupResult]:
+        if self.journal is None:
+            return self._score(ids, groups)
+        if self.journal.begin_batch(ids) == 0:
+            results = self._score(ids, groups)
+            self.journal.end(ids)
+            return results
+        # An earlier attempt at this batch died with the actor: find the culprit by scoring the
+        # groups one at a time, each under its own note in the journal.
+        results: list[GroupResult] = []
+        for group_id, group in zip(ids, groups, strict=True):
+            crashes = self.journal.begin_solo(group_id)
+            if crashes >= self.max_crashes:
+                crash = Failure(
+                    "scorer_crash",
+                    f"the scoring actor died {crashes} time(s) while scoring this group alone; "
+                    "it was not tried again",
+                )
+                results.append([crash if group.scorable(k) else None for k in range(group.num_candidates)])
+            else:
+                results.extend(self._score([group_id], [group]))
+            self.journal.end([group_id])
+        return results
 
     def __call__(self, table: pa.Table) -> pa.Table:
         start = time.perf_counter()
         groups = groups_from_table(table)
-        live = [g for g in groups if g is not None]
-        scored = iter(self.scorer.score(live)) if live else iter(())
+        all_ids = table[col.ID].to_pylist()
+        live = [i for i, g in enumerate(groups) if g is not None]
+        scored = self._score_live([all_ids[i] for i in live], [groups[i] for i in live]) if live else []
+        outcome = dict(zip(live, scored, strict=True))
         step_scores = []
+        errors_col = table[col.CANDIDATE_ERROR].to_pylist()
+        stages_col = table[col.CANDIDATE_ERROR_STAGE].to_pylist()
+        kinds_col = table[col.CANDIDATE_ERROR_KIND].to_pylist()
         done = errors = tokens = 0
         num_tokens = table[col.NUM_TOKENS].to_pylist()
         for i, group in enumerate(groups):
             n = len(num_tokens[i])
+            values = outcome.get(i)
             if group is None:
                 step_scores.append([None] * n)
                 errors += max(n, 1)
                 continue
-            values = next(scored)
+            for k, v in enumerate(values):
+                if isinstance(v, Failure):
+                    errors_col[i][k], stages_col[i][k], kinds_col[i][k] = v.message, STAGE, v.kind
+                    values[k] = None
             step_scores.append([None if v is None else v.tolist() for v in values])
             done += sum(v is not None for v in values)
             errors += sum(v is None for v in values)
@@ -135,4 +275,10 @@ class ScoreStage:
                 score_s=time.perf_counter() - start,
             )
         out = table.drop_columns(list(col.PREPARED_ONLY))
+        for name, values in (
+            (col.CANDIDATE_ERROR, errors_col),
+            (col.CANDIDATE_ERROR_STAGE, stages_col),
+            (col.CANDIDATE_ERROR_KIND, kinds_col),
+        ):
+            out = out.set_column(out.column_names.index(name), name, pa.array(values, pa.list_(pa.string())))
         return out.append_column(col.STEP_SCORES, pa.array(step_scores, pa.list_(pa.list_(pa.float32()))))

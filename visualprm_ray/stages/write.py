@@ -62,18 +62,20 @@ class ExplodeToCandidates:
                     data[out].append(None if empty else columns[name][i][k])
                 data["num_tiles"].append(columns[col.NUM_TILES][i] if steps is not None else None)
                 data["num_tokens"].append(None if empty else columns[col.NUM_TOKENS][i][k])
+                data["truncated"].append(None if steps is None else bool(columns[col.TRUNCATED][i][k]))
                 if group_error is not None:
-                    error, stage = group_error, columns[col.GROUP_ERROR_STAGE][i]
+                    error = group_error
+                    stage, kind = columns[col.GROUP_ERROR_STAGE][i], columns[col.GROUP_ERROR_KIND][i]
                 elif columns[col.CANDIDATE_ERROR][i][k] is not None:
-                    error, stage = (
-                        columns[col.CANDIDATE_ERROR][i][k],
-                        columns[col.CANDIDATE_ERROR_STAGE][i][k],
-                    )
+                    error = columns[col.CANDIDATE_ERROR][i][k]
+                    stage = columns[col.CANDIDATE_ERROR_STAGE][i][k]
+                    kind = columns[col.CANDIDATE_ERROR_KIND][i][k]
                 elif steps is None:
                     raise AssertionError(f"group {columns[col.ID][i]!r} candidate {k}: no score and no error")
                 else:
-                    error = stage = None
+                    error = stage = kind = None
                 data["error"].append(error)
+                data["error_kind"].append(kind)
                 data["error_stage"].append(stage)
         # Unscored candidates are not the best one: False rather than null keeps filters simple.
         data["is_best"] = [b is True for b in data["is_best"]]

@@ -1,0 +1,148 @@
+"""Real faults in real scoring actors, injected by the test-only hook (``VISUALPRM_FAULTS``).
+
+- an actor SIGKILLed in the middle of a batch is restarted and the batch retried: same scores;
+- a group that kills the actor every time is isolated and recorded as ``scorer_crash`` after a
+  bounded number of deaths, while its batch neighbours are scored;
+- a device out of memory splits the work until it fits; only a candidate too big even alone
+  is recorded as ``out_of_memory``;
+- an actor pool that can never be placed ends the job with a clear message instead of a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from visualprm_ray.config import JobConfig
+from visualprm_ray.faults import ENV
+from visualprm_ray.pipeline import run_job
+from visualprm_ray.sample_data import make_groups, write_shards
+from visualprm_ray.scorer import VisualPRM
+
+pytestmark = pytest.mark.slow
+
+GROUPS = make_groups(8, candidates=3, seed=5)
+GROUPS_PER_BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults-in")
+    write_shards(root, GROUPS, 2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """Step scores of every candidate, in process, the plain way."""
+    prm = VisualPRM.from_pretrained(tiny_model, device="cpu", dtype="float32")
+    return {
+        (g["id"], k): r.step_scores
+        for g in GROUPS
+        for k, r in enumerate(prm.score(g["question"], g["responses"], images=[g["image"]]))
+    }
+
+
+def _run(inputs, tiny_model, out, *extra: str):
+    config = JobConfig.from_sources(
+        None,
+        [
+            "model.dtype=float32",
+            "runtime.cpus_per_preparer=0.5",
+            f"runtime.groups_per_batch={GROUPS_PER_BATCH}",
+            "input.num_blocks=2",
+            "output.mode=overwrite",
+            *extra,
+        ],
+        input_uri=str(inputs),
+        output_uri=str(out),
+        model_source=str(tiny_model),
+    )
+    started = time.perf_counter()
+    manifest = run_job(config, emit=lambda *_: None)
+    rows = pq.read_table(out).to_pylist()
+    print(f"job with faults took {time.perf_counter() - started:.1f}s")
+    return manifest, {(r["id"], r["candidate_index"]): r for r in rows}
+
+
+def _faults(monkeypatch, state, **plan) -> None:
+    state.mkdir(exist_ok=True)
+    monkeypatch.setenv(ENV, json.dumps({"state_dir": str(state), **plan}))
+
+
+def _kills(state) -> list[str]:
+    return [line for f in sorted(state.glob("kills-*.log")) for line in f.read_text().splitlines()]
+
+
+def test_actor_killed_mid_batch_is_restarted_and_its_batch_retried(
+    ray_local, inputs, tiny_model, reference, tmp_path, monkeypatch
+):
+    victim = GROUPS[1]["id"]
+    _faults(monkeypatch, tmp_path / "state", kill_on=[victim], kill_times=1)
+    manifest, rows = _run(inputs, tiny_model, tmp_path / "out")
+    assert len(_kills(tmp_path / "state")) == 1  # the actor really died once
+    assert len(rows) == 24 and manifest["counts"]["errored"] == 0
+    for key, row in rows.items():
+        assert row["error"] is None
+        assert row["step_scores"] == pytest.approx(reference[key], abs=1e-4), key
+
+
+def test_poison_group_is_isolated_and_recorded_after_bounded_deaths(
+    ray_local, inputs, tiny_model, reference, tmp_path, monkeypatch
+):
+    poison = GROUPS[2]["id"]
+    _faults(monkeypatch, tmp_path / "state", kill_on=[poison], kill_times=-1)
+    manifest, rows = _run(inputs, tiny_model, tmp_path / "out", "runtime.max_crashes_per_group=2")
+    kills = _kills(tmp_path / "state")
+    # One death with the whole batch, then max_crashes_per_group deaths with the group alone.
+    assert len(kills) == 1 + 2
+    assert len(set(kills)) == 3  # three different actor processes: each death was a real restart
+    for key, row in rows.items():
+        if key[0] == poison:
+            assert row["error_kind"] == "scorer_crash" and row["error_stage"] == "score"
+            assert "died 2 time(s)" in row["error"] and row["step_scores"] is None
+        else:  # its batch neighbours too
+            assert row["error"] is None
+            assert row["step_scores"] == pytest.approx(reference[key], abs=1e-4), key
+    assert manifest["counts"]["errors_by_kind"] == {"scorer_crash": 3}
+    assert manifest["counts"]["scored"] == 21
+
+
+def test_out_of_memory_splits_the_work_and_records_only_what_cannot_fit(
+    ray_local, inputs, tiny_model, reference, tmp_path, monkeypatch
+):
+    # Sized from the data: every candidate fits alone (prefix + its suffix), a batch does not;
+    # the longest candidate is made not to fit at all.
+    prm = VisualPRM.from_pretrained(tiny_model, device="cpu", dtype="float32")
+    lengths = {
+        (g["id"], k): len(prm.prepare(g["question"], g["responses"], [g["image"]]).full_sequence(k))
+        for g in GROUPS
+        for k in range(3)
+    }
+    longest = max(lengths, key=lengths.get)
+    limit = max(v for k, v in lengths.items() if k != longest)
+    assert lengths[longest] > limit, "the sample data needs one candidate longer than the others"
+    _faults(monkeypatch, tmp_path / "state", oom_over_tokens=limit)
+    manifest, rows = _run(inputs, tiny_model, tmp_path / "out", "runtime.max_crashes_per_group=2")
+    for key, row in rows.items():
+        if key == longest:
+            assert row["error_kind"] == "out_of_memory" and row["error_stage"] == "score"
+            assert f"({lengths[longest]} tokens" in row["error"]
+        else:
+            assert row["error"] is None, (key, row["error"])
+            assert row["step_scores"] == pytest.approx(reference[key], abs=1e-4), key
+    # Ranks come from the scored neighbours only; the candidate that did not fit is not ranked.
+    group = [rows[(longest[0], k)] for k in range(3)]
+    assert sorted(r["rank"] for r in group if r["rank"] is not None) == [0, 1]
+    assert manifest["counts"]["errors_by_kind"] == {"out_of_memory": 1}
+
+
+def test_unplaceable_actor_pool_ends_with_a_clear_message(ray_local, inputs, tiny_model, tmp_path):
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="made no progress") as info:
+        _run(inputs, tiny_model, tmp_path / "out", "runtime.cpus_per_scorer=64", "runtime.stall_timeout_s=15")
+    assert time.perf_counter() - started < 120
+    assert "MapBatches(ScoreStage)" in str(info.value)
