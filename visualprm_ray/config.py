@@ -271,7 +271,7 @@ class RuntimeConfig(BaseModel):
     stall_timeout_s: float = Field(
         1800.0,
         gt=0,
-        description="Fail the job with a clear message naming the stalled stages when none makes progress for this long (Ray Data's execution_no_progress_timeout_s): an actor pool that can never start, a hung read.",
+        description="Fail the job with a clear message naming the stalled stages when none makes progress for this long (Ray Data's execution_no_progress_timeout_s): an actor pool that can never start, a hung read. Ray Data switches this guard off around a shuffle, so it does not apply to the flat layout.",
     )
 
 

@@ -59,8 +59,17 @@ class _pil_bomb_check_off:
         Image.MAX_IMAGE_PIXELS = self._saved
 
 
-def read_uri_bytes(uri: str, *, root: str | None = None, options: StorageOptions | None = None) -> bytes:
-    """Bytes of a local path or any fsspec URI (``s3://``, ``gs://``...), relative paths under ``root``."""
+def read_uri_bytes(
+    uri: str,
+    *,
+    root: str | None = None,
+    options: StorageOptions | None = None,
+    max_bytes: int | None = None,
+) -> bytes:
+    """Bytes of a local path or any fsspec URI (``s3://``, ``gs://``...), relative paths under ``root``.
+
+    At most ``max_bytes + 1`` bytes are read: an oversized file costs the limit, not its size.
+    """
     from visualprm_ray.storage import fsspec_filesystem, with_retries
 
     if "://" not in uri and not Path(uri).is_absolute() and root:
@@ -69,7 +78,7 @@ def read_uri_bytes(uri: str, *, root: str | None = None, options: StorageOptions
 
     def read() -> bytes:
         with fs.open(path, "rb") as f:
-            return f.read()
+            return f.read() if max_bytes is None else f.read(max_bytes + 1)
 
     try:
         return with_retries(read, what=f"reading image {uri}", retries=options.retries if options else 5)
@@ -114,10 +123,8 @@ def load_image(
             raise ImageError("image struct has neither bytes nor path", kind="image_missing")
     if isinstance(obj, (str, Path)):
         uri = str(obj)
-        data = read_uri_bytes(uri, root=root, options=options)
+        data = read_uri_bytes(uri, root=root, options=options, max_bytes=max_bytes)
         if max_bytes is not None and len(data) > max_bytes:
-            raise ImageError(
-                f"{uri} has {len(data)} bytes, over the limit of {max_bytes}", kind="image_too_large"
-            )
+            raise ImageError(f"{uri} has more than {max_bytes} bytes, the limit", kind="image_too_large")
         return open_image_bytes(data, max_pixels=max_pixels, name=uri)
     raise ImageError(f"unsupported image value of type {type(obj).__name__}", kind="image_unsupported")
