@@ -47,8 +47,16 @@ def _actor_class():
 
 
 def start_journal(name: str):
-    """Create the job's journal (owned by the driver, so it ends with the job)."""
-    return _actor_class().options(name=name).remote()
+    """Create the job's journal on the driver's node (owned by the driver, so it ends with the job).
+
+    Pinned there because the journal must outlive the scoring actors' nodes: on a preemptible
+    worker node it could vanish with the very crash it is meant to record.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return _actor_class().options(name=name, scheduling_strategy=here).remote()
 
 
 class JournalClient:

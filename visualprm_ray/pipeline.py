@@ -377,7 +377,9 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
 
     started = time.time()
     if not prepare_output(config):  # before Ray starts: a finished job costs nothing to rerun
-        emit(f"[visualprm-ray] {config.output.uri} already holds a complete run ({SUCCESS}); nothing to do")
+        emit(
+            f"[visualprm-ray] {redact(config.output.uri)} already holds a complete run ({SUCCESS}); nothing to do"
+        )
         fs, path = fsspec_filesystem(config.output.uri, config.storage)
         return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
     init_ray(config)

@@ -89,7 +89,13 @@ class ProgressPrinter:
         self.interval = interval
         self.total = total
         self.emit = emit
-        self.actor = _actor_class().options(name=name, lifetime=None).remote()
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: a counter on a preemptible worker could vanish mid-job and take
+        # the final counts with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = _actor_class().options(name=name, lifetime=None, scheduling_strategy=here).remote()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="visualprm-progress")
         self.start_time = time.monotonic()
