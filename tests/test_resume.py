@@ -79,3 +79,15 @@ def test_a_different_model_or_scoring_may_not_resume(tmp_path):
     # Runtime and throughput settings may change between attempts.
     tuned = _config(out, "runtime.groups_per_batch=2", "scoring.token_budget=4096")
     check_job_record(tuned, job_record(tuned, "weights-A"))
+
+
+def test_only_the_jobs_own_top_level_files_count(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    (out / "mine").mkdir(parents=True)
+    _write(out / "a-0.parquet", [("g1", 0)])
+    pq.write_table(pa.table({"x": [1]}), out / "mine" / "notes.parquet")  # a user's, not the job's
+    monkeypatch.chdir(tmp_path)
+    for uri in ("out", "out/", str(out), f"file://{out}"):
+        committed = scan_committed(_config(uri))
+        assert committed.ids == ["g1"] and committed.removed == [], uri
+    assert (out / "mine" / "notes.parquet").exists()

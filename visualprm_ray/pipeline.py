@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from visualprm_ray.resume import JOB_RECORD, Committed
+from visualprm_ray.resume import JOB_RECORD, Committed, output_files
 from visualprm_ray.stages.aggregate import aggregate
 from visualprm_ray.stages.prepare import PrepareStage
 from visualprm_ray.stages.read import ReadPlan, plan_read, read_groups
@@ -237,12 +237,12 @@ def count_output(config: JobConfig, counts: Counts, committed: Committed) -> Cou
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from visualprm_ray.storage import list_files, pyarrow_filesystem
+    from visualprm_ray.storage import pyarrow_filesystem
 
     earlier = set(committed.files)
     keys: list[pa.Table] = []
     ids: set[str] = set()
-    for uri in list_files(config.output.uri, config.storage):
+    for uri in output_files(config):
         fs, path = pyarrow_filesystem(uri, config.storage)
         table = pq.read_table(
             path, filesystem=fs, columns=["id", "candidate_index", "error", "error_kind", "error_stage"]
@@ -340,7 +340,8 @@ def prepare_output(config: JobConfig) -> bool:
         raise FileExistsError(f"output {config.output.uri} already holds files (output.mode is 'error')")
     if config.output.mode == "resume":
         return not fs.exists(f"{path}/{SUCCESS}")
-    for entry in fs.find(path):
+    # Top level only: the job writes nothing below it, and a user's nested files are not ours.
+    for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".parquet") or name in JOB_FILES:
             fs.rm(entry)

@@ -59,6 +59,23 @@ class Committed:
         return pa.array(self.ids, pa.string())
 
 
+def output_files(config: JobConfig) -> list[str]:
+    """The job's own data files: the Parquet files directly in the output directory.
+
+    Nested files are never the job's (it writes none): they are neither counted nor touched.
+    """
+    from visualprm_ray.storage import fsspec_filesystem, list_files
+
+    # Compared as filesystem paths: the URI may be relative, carry file://, or a trailing slash.
+    base = fsspec_filesystem(config.output.uri, config.storage)[1].rstrip("/") + "/"
+    found = []
+    for uri in list_files(config.output.uri, config.storage):
+        path = fsspec_filesystem(uri, config.storage)[1]
+        if path.startswith(base) and "/" not in path[len(base) :]:
+            found.append(uri)
+    return found
+
+
 def _read_keys(uri: str, config: JobConfig) -> pa.Table | None:
     """The file's (id, candidate_index) columns; None when the file is torn (not valid Parquet)."""
     import pyarrow as pa
@@ -81,14 +98,14 @@ def _read_keys(uri: str, config: JobConfig) -> pa.Table | None:
 
 def scan_committed(config: JobConfig, *, delete: bool = True) -> Committed:
     """Find the committed groups in the output; delete torn and duplicate files when ``delete``."""
-    from visualprm_ray.storage import fsspec_filesystem, list_files, redact
+    from visualprm_ray.storage import fsspec_filesystem, redact
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
     if not fs.exists(path):
         return Committed()
     committed = Committed()
     seen: set[str] = set()
-    for uri in list_files(config.output.uri, config.storage):
+    for uri in output_files(config):
         keys = _read_keys(uri, config)
         reason = None
         if keys is None:
