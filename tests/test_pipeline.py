@@ -69,3 +69,31 @@ def test_error_mode_refuses_an_existing_output(tmp_path):
     _fill(tmp_path / "out", complete=False)
     with pytest.raises(FileExistsError):
         prepare_output(_config(tmp_path / "out", "error"))
+
+
+def _input(path, ids):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(exist_ok=True)
+    rows = [{"id": i, "question": "Q?", "responses": ["a", "b"]} for i in ids]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_repeated_or_null_group_ids_are_refused_before_the_job(tmp_path):
+    from visualprm_ray.pipeline import count_input
+    from visualprm_ray.stages.read import plan_read
+
+    _input(tmp_path / "in" / "a.parquet", ["g1", "g2"])
+    _input(tmp_path / "in" / "b.parquet", ["g3", "g2"])
+    config = JobConfig.from_sources(
+        None, [], input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), model_source="/m"
+    )
+    with pytest.raises(ValueError, match="'g2' appears more than once"):
+        count_input(config, plan_read(config))
+    _input(tmp_path / "in" / "b.parquet", ["g3", None])
+    with pytest.raises(ValueError, match="null 'id'"):
+        count_input(config, plan_read(config))
+    _input(tmp_path / "in" / "b.parquet", ["g3", "g4"])
+    counts = count_input(config, plan_read(config))
+    assert (counts.groups_in, counts.candidates_in) == (4, 8)

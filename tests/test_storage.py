@@ -116,6 +116,7 @@ def test_list_files_s3_prefix_and_glob(s3_env: str) -> None:
         f"s3://{s3_env}/data/sub/b.parquet",
     ]
     assert list_files(f"s3://{s3_env}/data/", suffix=".txt") == [f"s3://{s3_env}/data/notes.txt"]
+    assert list_files(f"s3://{s3_env}/data/", recursive=False) == [f"s3://{s3_env}/data/a.parquet"]
     assert list_files(f"s3://{s3_env}/data/*.parquet") == [f"s3://{s3_env}/data/a.parquet"]
     assert list_files(f"s3://{s3_env}/data*/*.parquet") == [
         f"s3://{s3_env}/data-other/d.parquet",
@@ -138,6 +139,7 @@ def test_list_files_local(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     assert list_files(str(tmp_path)) == [str(tmp_path / "b.parquet"), str(tmp_path / "sub" / "a.parquet")]
     assert list_files(str(tmp_path / "*.parquet")) == [str(tmp_path / "b.parquet")]
+    assert list_files(str(tmp_path), recursive=False) == [str(tmp_path / "b.parquet")]
     assert list_files(f"file://{tmp_path}", suffix=".csv") == [str(tmp_path / "c.csv")]
     with pytest.raises(FileNotFoundError):
         list_files(str(tmp_path / "nope"))

@@ -36,7 +36,8 @@ class FaultPlan:
     oom_over_tokens: int | None = None
 
     def kills_so_far(self, group_id: str) -> int:
-        return len(self._log(group_id).read_text().splitlines()) if self._log(group_id).exists() else 0
+        log = self._log(group_id)
+        return len(log.read_text().splitlines()) if log.exists() else 0
 
     def _log(self, group_id: str) -> Path:
         if self.state_dir is None:

@@ -32,12 +32,7 @@ def open_image_bytes(
         # PIL's own bomb check raises on > 2x its limit and only warns below; ours is explicit.
         with _pil_bomb_check_off():
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(
-                    f"{name} has {width}x{height} pixels, over the limit of {max_pixels}",
-                    kind="image_too_large",
-                )
+            _check_pixels(image, max_pixels, name)  # on the header: before any pixel is decoded
             image.load()
     except ImageError:
         raise
@@ -86,6 +81,21 @@ def read_uri_bytes(
         raise ImageError(f"image not found: {uri}", kind="image_missing") from exc
 
 
+def _check_pixels(image: Image.Image, max_pixels: int | None, name: str) -> None:
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(
+            f"{name} has {width}x{height} pixels, over the limit of {max_pixels}", kind="image_too_large"
+        )
+
+
+def _check_bytes(data: bytes | bytearray | memoryview, max_bytes: int | None, name: str) -> None:
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageError(
+            f"{name} has {len(data)} bytes, over the limit of {max_bytes}", kind="image_too_large"
+        )
+
+
 def load_image(
     obj: Any,
     *,
@@ -97,34 +107,26 @@ def load_image(
     """A PIL image from a PIL image, encoded bytes, a HF ``{bytes, path}`` dict, or a path/URI."""
     from PIL import Image
 
-    if isinstance(obj, (bytes, bytearray, memoryview)) and max_bytes is not None and len(obj) > max_bytes:
-        raise ImageError(f"image has {len(obj)} bytes, over the limit of {max_bytes}", kind="image_too_large")
     if isinstance(obj, Image.Image):
-        width, height = obj.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageError(
-                f"image has {width}x{height} pixels, over the limit of {max_pixels}", kind="image_too_large"
-            )
+        _check_pixels(obj, max_pixels, "image")
         return obj
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return open_image_bytes(bytes(obj), max_pixels=max_pixels)
     if isinstance(obj, dict):
         # b"" is an (empty) image payload, not an absent one: it must be reported as empty.
         if obj.get("bytes") is not None:
-            if max_bytes is not None and len(obj["bytes"]) > max_bytes:
-                raise ImageError(
-                    f"image has {len(obj['bytes'])} bytes, over the limit of {max_bytes}",
-                    kind="image_too_large",
-                )
-            return open_image_bytes(obj["bytes"], max_pixels=max_pixels, name=obj.get("path") or "image")
-        if obj.get("path"):
-            obj = obj["path"]
-        else:
+            name = obj.get("path") or "image"
+            _check_bytes(obj["bytes"], max_bytes, name)
+            return open_image_bytes(obj["bytes"], max_pixels=max_pixels, name=name)
+        if not obj.get("path"):
             raise ImageError("image struct has neither bytes nor path", kind="image_missing")
+        obj = obj["path"]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        _check_bytes(obj, max_bytes, "image")
+        return open_image_bytes(bytes(obj), max_pixels=max_pixels)
     if isinstance(obj, (str, Path)):
         uri = str(obj)
         data = read_uri_bytes(uri, root=root, options=options, max_bytes=max_bytes)
         if max_bytes is not None and len(data) > max_bytes:
+            # Only max_bytes + 1 bytes were read: the true size is unknown, and need not be.
             raise ImageError(f"{uri} has more than {max_bytes} bytes, the limit", kind="image_too_large")
         return open_image_bytes(data, max_pixels=max_pixels, name=uri)
     raise ImageError(f"unsupported image value of type {type(obj).__name__}", kind="image_unsupported")

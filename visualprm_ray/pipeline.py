@@ -108,6 +108,7 @@ def build_dataset(
     from visualprm_ray import faults
 
     rt = config.runtime
+    fault_env = faults.forwarded_env()
     rows_per_block = max(1, -(-(input_rows or resources.num_blocks) // resources.num_blocks))
     ds = read_groups(config, plan, rows_per_block=rows_per_block, skip_ids=skip_ids)
     ds = ds.map_batches(
@@ -137,7 +138,7 @@ def build_dataset(
         # on top of the retries kept for ordinary failures (a lost node, a preemption).
         max_task_retries=rt.max_task_retries + rt.groups_per_batch * rt.max_crashes_per_group,
         # Test-only fault injection travels to the actors only when the driver has it set.
-        **({"runtime_env": {"env_vars": faults.forwarded_env()}} if faults.forwarded_env() else {}),
+        **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
     )
     ds = ds.map_batches(aggregate, batch_format="pyarrow")
     # An instance (not the class): a plain function for Ray, fused into the write task.

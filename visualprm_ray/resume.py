@@ -64,16 +64,9 @@ def output_files(config: JobConfig) -> list[str]:
 
     Nested files are never the job's (it writes none): they are neither counted nor touched.
     """
-    from visualprm_ray.storage import fsspec_filesystem, list_files
+    from visualprm_ray.storage import list_files
 
-    # Compared as filesystem paths: the URI may be relative, carry file://, or a trailing slash.
-    base = fsspec_filesystem(config.output.uri, config.storage)[1].rstrip("/") + "/"
-    found = []
-    for uri in list_files(config.output.uri, config.storage):
-        path = fsspec_filesystem(uri, config.storage)[1]
-        if path.startswith(base) and "/" not in path[len(base) :]:
-            found.append(uri)
-    return found
+    return list_files(config.output.uri, config.storage, recursive=False)
 
 
 def _read_keys(uri: str, config: JobConfig) -> pa.Table | None:

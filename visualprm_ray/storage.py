@@ -362,7 +362,9 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
-def list_files(uri: str, options: StorageOptions | None = None, suffix: str = ".parquet") -> list[str]:
+def list_files(
+    uri: str, options: StorageOptions | None = None, suffix: str = ".parquet", *, recursive: bool = True
+) -> list[str]:
     """Sorted full URIs of the data files at ``uri``.
 
     ``uri`` may be a directory/prefix (searched recursively), a glob (``s3://b/data/*.parquet``)
@@ -370,7 +372,8 @@ def list_files(uri: str, options: StorageOptions | None = None, suffix: str = ".
     any name or directory starting with ``_`` or ``.`` below the root is skipped (``_SUCCESS``,
     ``.tmp``, ``_temporary/``). Remote results carry their protocol (``s3://bucket/key``); local
     ones are absolute paths. A non-glob ``uri`` that does not exist raises ``FileNotFoundError``
-    so a typo fails loudly instead of producing an empty job.
+    so a typo fails loudly instead of producing an empty job. ``recursive=False`` keeps only the
+    files directly in a directory: a job's output, where nested files are never the job's.
     """
     options = options or StorageOptions()
     protocol = split_uri(uri)[0]
@@ -390,8 +393,13 @@ def list_files(uri: str, options: StorageOptions | None = None, suffix: str = ".
         if not fs.isdir(path):
             raise FileNotFoundError(errno.ENOENT, "no such file or directory", redact(uri))
         prefix = path.rstrip("/") + "/"
+        if not recursive:
+            entries = fs.ls(path, detail=True)
+            below = [e["name"] for e in entries if e.get("type") == "file"]
+        else:
+            below = fs.find(path)
         # find() on s3 may include an object named exactly like the prefix; keep what is below it.
-        return [p for p in fs.find(path) if p.startswith(prefix) and not _hidden(p[len(prefix) :])]
+        return [p for p in below if p.startswith(prefix) and not _hidden(p[len(prefix) :])]
 
     found = with_retries(_list, what=f"list {redact(uri)}", retries=options.retries)
     return sorted(_join_uri(protocol, p) for p in found if p.endswith(suffix or ""))

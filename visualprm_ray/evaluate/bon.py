@@ -307,7 +307,7 @@ def read_output(uri: str, columns: Sequence[str], *, allow_incomplete: bool = Fa
 
     fs, path = fsspec_filesystem(uri)
     try:
-        files = list_files(uri)
+        files = list_files(uri, recursive=False)  # a job's own files; nested ones are not its
     except FileNotFoundError as exc:
         raise EvalInputError(f"no output table at {uri}") from exc
     is_directory = not any(ch in path for ch in "*?[") and not fs.isfile(path)

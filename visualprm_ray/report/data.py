@@ -143,7 +143,7 @@ def load_run(uri: str, options: StorageOptions | None = None) -> Run:
             "when it finishes)"
         ) from None
     complete = fs.exists(f"{root}/{SUCCESS}")
-    files = list_files(uri, options)
+    files = list_files(uri, options, recursive=False)  # the job's files, as the job counts them
     if not files:
         return Run(uri, manifest, complete, [], OUTPUT_SCHEMA.empty_table(), [], None)
     pa_fs, _ = pyarrow_filesystem(uri, options)
