@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from visualprm_ray.config import JobConfig
@@ -95,5 +97,30 @@ def test_repeated_or_null_group_ids_are_refused_before_the_job(tmp_path):
     with pytest.raises(ValueError, match="null 'id'"):
         count_input(config, plan_read(config))
     _input(tmp_path / "in" / "b.parquet", ["g3", "g4"])
-    counts = count_input(config, plan_read(config))
+    counts, files = count_input(config, plan_read(config))
     assert (counts.groups_in, counts.candidates_in) == (4, 8)
+    # The same pass indexes each file's row groups for the read stage.
+    assert [(f.path.rsplit("/", 1)[-1], f.row_group_rows) for f in files] == [
+        ("a.parquet", (2,)),
+        ("b.parquet", (2,)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "layout", "rows", "expected"),
+    [
+        ([], "grouped", 1000, 8),  # one batch of groups per block by default
+        (["runtime.groups_per_batch=3"], "grouped", 1000, 3),
+        (["input.num_blocks=4"], "grouped", 20, 5),  # spread over about that many blocks
+        (["input.num_blocks=2"], "grouped", 1000, 32),  # but never more than 4 batches each
+        (["input.num_blocks=1000"], "grouped", 10, 1),
+        ([], "flat", 1000, 128),  # flat rows are candidates
+    ],
+)
+def test_rows_per_block(overrides, layout, rows, expected):
+    from visualprm_ray.pipeline import rows_per_block
+
+    config = JobConfig.from_sources(None, overrides, input_uri="/in", output_uri="/out", model_source="/m")
+
+    plan = SimpleNamespace(layout=layout)  # only the layout matters here
+    assert rows_per_block(config, plan, rows) == expected

@@ -109,7 +109,10 @@ class InputConfig(BaseModel):
     num_blocks: int | None = Field(
         None,
         ge=1,
-        description="Repartition the input into this many blocks; null chooses automatically from the CPU count.",
+        description=(
+            "Spread the input over about this many blocks (each at most 4 batches); null: one "
+            "batch of groups per block."
+        ),
     )
 
 

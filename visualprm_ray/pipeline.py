@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from visualprm_ray.resume import JOB_RECORD, Committed, output_files
 from visualprm_ray.stages.aggregate import aggregate
 from visualprm_ray.stages.prepare import PrepareStage
-from visualprm_ray.stages.read import ReadPlan, plan_read, read_groups
+from visualprm_ray.stages.read import InputFile, ReadPlan, plan_read, read_groups
 from visualprm_ray.stages.score import ScoreStage
 from visualprm_ray.stages.write import ExplodeToCandidates
 
@@ -36,7 +36,6 @@ class Resources:
     num_scorers: int
     gpus_per_scorer: float
     num_preparers: int
-    num_blocks: int
 
 
 @dataclass
@@ -90,18 +89,17 @@ def build_dataset(
     config: JobConfig,
     plan: ReadPlan,
     resources: Resources,
+    files: list[InputFile],
     *,
     progress: str | None = None,
     journal: str | None = None,
     skip_ids=None,
-    input_rows: int | None = None,
 ):
     """The lazy dataset of output rows (candidate rows in the output schema).
 
+    ``files`` are the input files with their row groups, from :func:`count_input`;
     ``journal`` names the crash journal actor (poison-row isolation, :mod:`visualprm_ray.journal`);
-    ``skip_ids`` is an object-store reference to the ids already committed (resume);
-    ``input_rows`` (rows of the input files) sizes the blocks so there are about
-    ``resources.num_blocks`` of them.
+    ``skip_ids`` is an object-store reference to the ids already committed (resume).
     """
     from ray.data import ActorPoolStrategy
 
@@ -109,8 +107,10 @@ def build_dataset(
 
     rt = config.runtime
     fault_env = faults.forwarded_env()
-    rows_per_block = max(1, -(-(input_rows or resources.num_blocks) // resources.num_blocks))
-    ds = read_groups(config, plan, rows_per_block=rows_per_block, skip_ids=skip_ids)
+    rows = sum(sum(f.row_group_rows) for f in files)
+    ds = read_groups(
+        config, plan, files, rows_per_block=rows_per_block(config, plan, rows), skip_ids=skip_ids
+    )
     ds = ds.map_batches(
         PrepareStage,
         fn_constructor_kwargs={"config": config, "model_dir": config.model.source, "progress": progress},
@@ -145,6 +145,26 @@ def build_dataset(
     return ds.map_batches(ExplodeToCandidates(plan, config.output.include_response), batch_format="pyarrow")
 
 
+# A block never holds more than this many batches' worth of groups: a stage hands a block on only
+# once all of it is done, so bigger blocks add memory and latency and nothing else.
+MAX_BATCHES_PER_BLOCK = 4
+# Flat rows are candidates (regrouped by a shuffle afterwards): this many per group, roughly.
+_FLAT_ROWS_PER_GROUP = 16
+
+
+def rows_per_block(config: JobConfig, plan: ReadPlan, input_rows: int) -> int:
+    """Input rows per block.
+
+    One batch of groups by default: the first groups reach the scorer as soon as one batch is
+    prepared, and a small input is still spread over every actor. ``input.num_blocks`` spreads
+    the input over that many blocks instead, up to :data:`MAX_BATCHES_PER_BLOCK` batches each.
+    """
+    batch = config.runtime.groups_per_batch * (_FLAT_ROWS_PER_GROUP if plan.layout == "flat" else 1)
+    if config.input.num_blocks is None:
+        return batch
+    return max(1, min(-(-input_rows // config.input.num_blocks), MAX_BATCHES_PER_BLOCK * batch))
+
+
 def plan_resources(config: JobConfig) -> Resources:
     import ray
 
@@ -159,14 +179,18 @@ def plan_resources(config: JobConfig) -> Resources:
     # Leave CPUs for the read tasks: an actor pool holding every CPU starves them and the job hangs.
     spare = max(cpus - num_scorers * rt.cpus_per_scorer - 1, rt.cpus_per_preparer)
     # Preparing a group (tiling ~13 images' worth of pixels, tokenizing) costs a fraction of scoring
-    # it, so two preparers per scorer keep the scorers fed; more would only compete for cores.
-    num_preparers = rt.num_preparers or max(1, min(int(spare / rt.cpus_per_preparer), 2 * num_scorers))
+    # it, so two preparers per GPU scorer keep it fed; more would only compete for cores. A CPU
+    # scorer already runs a thread per core, so there one preparer each is enough: a second one
+    # only takes cores from the scorer (2-core benchmark: 39 vs 42 s for 384 rows).
+    per_scorer = 2 if device == "cuda" else 1
+    num_preparers = rt.num_preparers or max(
+        1, min(int(spare / rt.cpus_per_preparer), per_scorer * num_scorers)
+    )
     return Resources(
         device=device,
         num_scorers=num_scorers,
         gpus_per_scorer=rt.gpus_per_scorer if device == "cuda" else 0,
         num_preparers=num_preparers,
-        num_blocks=config.input.num_blocks or max(2 * (num_preparers + num_scorers), 4),
     )
 
 
@@ -189,11 +213,12 @@ def init_ray(config: JobConfig) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed) + 2))
 
 
-def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
+def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[InputFile]]:
     """Candidates in, from the input files alone (independent of what the pipeline did).
 
     Also refuses an input whose group ids repeat: resume and the exactly-once check key on the
-    id, so two groups with one id could not be told apart.
+    id, so two groups with one id could not be told apart. The same pass returns each file's row
+    groups, which the read stage cuts its tasks from.
     """
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -205,10 +230,13 @@ def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
     column = inp.responses_column if plan.layout == "grouped" else inp.id_column
     check_ids = plan.layout == "grouped" and plan.has_id
     seen: dict[str, str] = {}
+    files = []
     for uri in plan.files:
         fs, path = pyarrow_filesystem(uri, config.storage)
         columns = [column, inp.id_column] if check_ids else [column]
-        table = pq.read_table(path, filesystem=fs, columns=columns)
+        parquet = pq.ParquetFile(path, filesystem=fs)
+        files.append(InputFile.from_metadata(path, parquet.metadata))
+        table = parquet.read(columns=columns)
         values = table[column]
         if plan.layout == "grouped":
             lengths = pc.fill_null(pc.list_value_length(values), 0)
@@ -229,7 +257,7 @@ def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
                         f"resume and the exactly-once check key on {inp.id_column!r}, so ids must be unique"
                     )
                 seen[value] = uri
-    return counts
+    return counts, files
 
 
 def count_output(config: JobConfig, counts: Counts, committed: Committed) -> Counts:
@@ -356,8 +384,8 @@ def apply_limits(config: JobConfig) -> None:
     ctx = DataContext.get_current()
     # No operator making progress for this long (an actor pool that can never be placed, a read
     # that hangs) fails the job with Ray Data's own message, which names the stalled operators.
-    # The guard is off for pipelines with all-to-all operators, hence the streaming repartition
-    # in the read stage.
+    # Ray Data turns the guard off for pipelines with all-to-all operators: the grouped layout
+    # has none (the read stage sizes its own blocks; no repartition), the flat layout's shuffle is one.
     ctx.execution_no_progress_timeout_s = config.runtime.stall_timeout_s
     # Data problems are rows with errors, never failed blocks: a failed block is a bug.
     ctx.max_errored_blocks = 0
@@ -388,7 +416,7 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     apply_limits(config)
     plan = plan_read(config)
     resources = plan_resources(config)
-    counts = count_input(config, plan)
+    counts, files = count_input(config, plan)
     fingerprint = model_fingerprint(config)
     check_job_record(config, job_record(config, fingerprint))
     committed = scan_committed(config) if config.output.mode == "resume" else Committed()
@@ -418,10 +446,10 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
                 config,
                 plan,
                 resources,
+                files,
                 progress=progress_name,
                 journal=journal_name,
                 skip_ids=skip_ids,
-                input_rows=counts.groups_in if plan.layout == "grouped" else counts.candidates_in,
             )
             compression = None if config.output.compression == "none" else config.output.compression
             ds.write_parquet(

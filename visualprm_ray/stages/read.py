@@ -1,16 +1,20 @@
 """Read: Parquet shards -> one row per group, with the job's internal column names.
 
-``read_parquet`` reads only the columns the job needs (the configured ones plus passthrough), over a
-pyarrow filesystem for any protocol, and the result is cut into blocks of a fixed number of rows
-because a small input comes back as a single block, which would leave all but one preparation
-actor idle. The flat layout (one
-row per candidate) is grouped by id with a shuffle so that ranks always see the whole group.
+The driver has already opened every input file once (to count candidates and check ids), so it
+knows each file's row groups; :class:`~visualprm_ray.stages.read_source.InputGroups` cuts read
+tasks from those row groups and each task yields blocks of a fixed number of rows. That gives
+blocks small enough for every preparer to get work even on a tiny input, and never larger than a
+few batches on a huge one, without Ray Data's footer-reading actors or a repartition step (on a
+small machine those cost more start-up than the read itself). Only the columns the job needs are read (the configured ones plus
+passthrough), over a pyarrow filesystem for any protocol. The flat layout (one row per candidate)
+is grouped by id with a shuffle so that ranks always see the whole group.
 """
 
 from __future__ import annotations
 
 import hashlib
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -19,6 +23,7 @@ import pyarrow as pa
 from visualprm_ray import stages as col
 
 if TYPE_CHECKING:
+    import pyarrow.parquet as pq
     import ray.data
 
     from visualprm_ray.config import JobConfig
@@ -34,6 +39,21 @@ class ReadPlan:
     has_id: bool
     has_steps: bool
     has_candidate_index: bool  # flat layout: an input column that orders the candidates
+    schema: pa.Schema  # of the first file; the others are expected to match
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file's row groups, from its footer: the units read tasks are cut from."""
+
+    path: str  # on the input's pyarrow filesystem
+    row_group_rows: tuple[int, ...]
+    row_group_bytes: tuple[int, ...]  # uncompressed, all columns (an upper bound for a projection)
+
+    @classmethod
+    def from_metadata(cls, path: str, metadata: pq.FileMetaData) -> InputFile:
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        return cls(path, tuple(g.num_rows for g in groups), tuple(g.total_byte_size for g in groups))
 
 
 def plan_read(config: JobConfig) -> ReadPlan:
@@ -98,41 +118,49 @@ def plan_read(config: JobConfig) -> ReadPlan:
         has_id=inp.id_column in names,
         has_steps=inp.steps_column in names,
         has_candidate_index=has_candidate_index,
+        schema=schema,
     )
 
 
 def read_groups(
-    config: JobConfig, plan: ReadPlan, *, rows_per_block: int, skip_ids: ray.ObjectRef | None = None
+    config: JobConfig,
+    plan: ReadPlan,
+    files: Sequence[InputFile],
+    *,
+    rows_per_block: int,
+    skip_ids: ray.ObjectRef | None = None,
 ) -> ray.data.Dataset:
     """The lazy dataset of group rows: internal columns plus passthrough columns.
 
-    ``skip_ids`` (a string array in the object store) holds the ids of groups an earlier attempt
-    already committed (:mod:`visualprm_ray.resume`); their rows are dropped right after the ids
-    are known, before any work is spent on them.
+    ``files`` are the input files with their row groups (:func:`visualprm_ray.pipeline.count_input`
+    reads them); ``skip_ids`` (a string array in the object store) holds the ids of groups an
+    earlier attempt already committed (:mod:`visualprm_ray.resume`); their rows are dropped right
+    after the ids are known, before any work is spent on them.
     """
     import ray.data
 
+    from visualprm_ray.stages.read_source import InputGroups
     from visualprm_ray.storage import pyarrow_filesystem
 
     inp = config.input
     fs, _ = pyarrow_filesystem(plan.files[0], config.storage)
-    paths = [pyarrow_filesystem(f, config.storage)[1] for f in plan.files]
     wanted = [inp.question_column, inp.image_column]
     wanted += [inp.responses_column] if plan.layout == "grouped" else [inp.response_column]
     wanted += [inp.id_column] if plan.has_id else []
     wanted += [inp.steps_column] if plan.has_steps else []
     wanted += ["candidate_index"] if plan.has_candidate_index else []
     wanted += [f.name for f in plan.passthrough]
-    ds = ray.data.read_parquet(
-        paths,
-        filesystem=fs,
-        columns=list(dict.fromkeys(wanted)),
+    columns = [c for c in dict.fromkeys(wanted) if c in plan.schema.names]  # the image is optional
+    source = InputGroups(
+        files,
+        fs,
+        columns=columns,
+        schema=pa.schema([plan.schema.field(c) for c in columns]),
+        rows_per_block=rows_per_block,
         include_paths=not plan.has_id,
+        retries=config.storage.retries,
     )
-    # Streaming (not all-to-all): blocks flow on as soon as their file is read, instead of the
-    # whole input being read before the first group is prepared, and Ray Data's no-progress
-    # guard (disabled for pipelines with all-to-all operators) stays on.
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+    ds = ray.data.read_datasource(source)
     rename = _Rename(config, plan, skip_ids)
     ds = ds.map_batches(rename, batch_format="pyarrow", zero_copy_batch=True)
     if plan.layout == "flat":
