@@ -234,9 +234,9 @@ def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[InputFi
     for uri in plan.files:
         fs, path = pyarrow_filesystem(uri, config.storage)
         columns = [column, inp.id_column] if check_ids else [column]
-        parquet = pq.ParquetFile(path, filesystem=fs)
-        files.append(InputFile.from_metadata(path, parquet.metadata))
-        table = parquet.read(columns=columns)
+        with pq.ParquetFile(path, filesystem=fs) as parquet:
+            files.append(InputFile.from_metadata(path, parquet.metadata))
+            table = parquet.read(columns=columns)
         values = table[column]
         if plan.layout == "grouped":
             lengths = pc.fill_null(pc.list_value_length(values), 0)

@@ -120,8 +120,8 @@ def read_span(
     from visualprm_ray.storage import with_retries
 
     def read() -> pa.Table:
-        parquet = pq.ParquetFile(path, filesystem=filesystem)
-        return parquet.read_row_groups(list(span), columns=columns)
+        with pq.ParquetFile(path, filesystem=filesystem) as parquet:
+            return parquet.read_row_groups(list(span), columns=columns)
 
     table = with_retries(read, what=f"reading input {path}", retries=retries)
     if include_paths:  # derived ids are keyed on the file name
