@@ -113,6 +113,23 @@ class ScoreStage:
         progress: str | None = None,
         journal: str | None = None,
     ) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Every torch call of this actor (the model load here, each batch in __call__) runs on
+        # this one thread. Ray Data calls __call__ from its own worker thread, not the thread
+        # that ran __init__, and with torch used from two threads the OpenMP runtime keeps a
+        # team of workers per thread: on a 2-core node scoring then ran 20-30% slower with ~1.5
+        # of 2 cores busy (benchmarks/scorer_thread_cpu.py).
+        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visualprm-torch")
+        self._torch_thread.submit(self._load, config, model_dir, device).result()
+        self.max_crashes = config.runtime.max_crashes_per_group
+        from visualprm_ray.journal import JournalClient
+        from visualprm_ray.progress import ProgressReporter
+
+        self.journal = JournalClient(journal) if journal else None
+        self.progress = ProgressReporter.connect(progress) if progress else None
+
+    def _load(self, config: JobConfig, model_dir: str, device: str) -> None:
         from visualprm_ray.checkpoint import load_checkpoint
         from visualprm_ray.scorer import GroupScorer, resolve_model_source
 
@@ -138,16 +155,11 @@ class ScoreStage:
             vision_batch=config.scoring.vision_batch,
             mode=config.scoring.prefix_mode,
         )
-        self.max_crashes = config.runtime.max_crashes_per_group
         from visualprm_ray import faults
-        from visualprm_ray.journal import JournalClient
-        from visualprm_ray.progress import ProgressReporter
 
         self.faults = faults.active_plan()
         if self.faults is not None:
             faults.install(self.faults, self.scorer)
-        self.journal = JournalClient(journal) if journal else None
-        self.progress = ProgressReporter.connect(progress) if progress else None
 
     # -- scoring with fault handling ------------------------------------------------------------
 
@@ -239,6 +251,9 @@ class ScoreStage:
         return results
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        return self._torch_thread.submit(self._score_table, table).result()
+
+    def _score_table(self, table: pa.Table) -> pa.Table:
         start = time.perf_counter()
         groups = groups_from_table(table)
         all_ids = table[col.ID].to_pylist()
