@@ -1,9 +1,9 @@
 """The score stage with torch on one thread vs on two threads of the process (CPU, tiny model).
 
 Ray Data runs a map actor's ``__call__`` on a worker thread, not on the thread that ran
-``__init__``. When torch runs on two threads of a process, the OpenMP runtime keeps a team of
-workers for each, and on a 2-core machine scoring ran 20-30% slower with ~1.5 of 2 cores busy
-(plain matmul / elementwise / SDPA loops do not show it). ``ScoreStage`` therefore runs its model
+``__init__``. Once torch has run on two threads of a process (likely cause: the OpenMP runtime
+keeps a team of workers per calling thread), scoring on a 2-core machine ran 20-45% slower, with
+1.35-1.6 of 2 cores busy; plain matmul / elementwise / SDPA loops do not show it. ``ScoreStage`` therefore runs its model
 load and every batch on one thread of its own. This script measures, without Ray and with the
 checkpoint written in a subprocess (so the process starts with no torch work, like an actor):
 the stage called from the main thread and from a worker thread (both should be alike), then the

@@ -5,9 +5,10 @@ knows each file's row groups; :class:`~visualprm_ray.stages.read_source.InputGro
 tasks from those row groups and each task yields blocks of a fixed number of rows. That gives
 blocks small enough for every preparer to get work even on a tiny input, and never larger than a
 few batches on a huge one, without Ray Data's footer-reading actors or a repartition step (on a
-small machine those cost more start-up than the read itself). Only the columns the job needs are read (the configured ones plus
-passthrough), over a pyarrow filesystem for any protocol. The flat layout (one row per candidate)
-is grouped by id with a shuffle so that ranks always see the whole group.
+small machine those cost more start-up than the read itself). Only the columns the job needs are
+read (the configured ones plus passthrough), over a pyarrow filesystem for any protocol. The flat
+layout (one row per candidate) is grouped by id with a shuffle so that ranks always see the
+whole group.
 """
 
 from __future__ import annotations

@@ -117,9 +117,9 @@ class ScoreStage:
 
         # Every torch call of this actor (the model load here, each batch in __call__) runs on
         # this one thread. Ray Data calls __call__ from its own worker thread, not the thread
-        # that ran __init__, and with torch used from two threads the OpenMP runtime keeps a
-        # team of workers per thread: on a 2-core node scoring then ran 20-30% slower with ~1.5
-        # of 2 cores busy (benchmarks/scorer_thread_cpu.py).
+        # that ran __init__; once torch has run on two threads (likely cause: OpenMP keeps a
+        # worker team per calling thread), scoring on a 2-core node ran 20-45% slower with
+        # 1.35-1.6 of 2 cores busy (benchmarks/scorer_thread_cpu.py).
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visualprm-torch")
         self._torch_thread.submit(self._load, config, model_dir, device).result()
         self.max_crashes = config.runtime.max_crashes_per_group
