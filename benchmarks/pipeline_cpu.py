@@ -63,6 +63,11 @@ def main() -> None:
         )
     ratio = statistics.median(r["ratio"] for r in runs)
     print(f"job / in-process throughput (median of {len(runs)}): {ratio:.2f}")
+    layout = runs[-1]["resources"]
+    print(
+        f"job layout: {layout['num_scorers']} scorer(s) x {layout['cpu_threads_per_scorer']} torch thread(s), "
+        f"{layout['num_preparers']} preparer(s)"
+    )
     busy = runs[-1]["job_stage_busy_s"]
     print(
         f"busy time by stage, last run (summed over actors): prepare {busy['prepare']:.1f}s, "

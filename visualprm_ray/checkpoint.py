@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -283,6 +284,20 @@ def weights_fingerprint(directory: str | Path) -> str:
             h.update(str(path.stat().st_size).encode())
             h.update(f.read(header_len))
     return h.hexdigest()
+
+
+def parameter_count(read_range: Callable[[str, int, int], bytes], files: list[str]) -> int:
+    """Weights in safetensors ``files``, from their headers alone.
+
+    ``read_range(path, start, end)`` returns those bytes of a file, so a remote checkpoint costs
+    two small range reads per file instead of a download.
+    """
+    total = 0
+    for path in files:
+        header_len = int.from_bytes(read_range(path, 0, 8), "little")
+        header = json.loads(read_range(path, 8, 8 + header_len))
+        total += sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    return total
 
 
 # ---------------------------------------------------------------------------------------------

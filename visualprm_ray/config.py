@@ -238,7 +238,9 @@ class RuntimeConfig(BaseModel):
         description="Where the scoring actors run: 'auto' uses CUDA when the cluster has GPUs, else CPU.",
     )
     num_scorers: int | None = Field(
-        None, ge=1, description="Number of scoring actors; null means one per GPU, or 1 on CPU."
+        None,
+        ge=1,
+        description="Number of scoring actors; null means one per GPU, or on CPU as many model replicas as the nodes' cores and memory allow (one when the checkpoint's size is unknown).",
     )
     gpus_per_scorer: float = Field(
         1.0, gt=0, description="GPUs reserved per scoring actor (fractions share a GPU); ignored on CPU."
@@ -247,7 +249,7 @@ class RuntimeConfig(BaseModel):
     cpu_threads_per_scorer: int | None = Field(
         None,
         ge=1,
-        description="Torch threads of a scoring actor on CPU; null uses all of the node's cores.",
+        description="Torch threads of a scoring actor on CPU; null gives each replica an equal share of its node's cores.",
     )
     num_preparers: int | None = Field(
         None,

@@ -8,12 +8,14 @@ output, and writes the manifest and ``_SUCCESS`` last, so readers know a run is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from visualprm_ray.layout import Resources, plan_resources, usable_cores
 from visualprm_ray.resume import JOB_RECORD, Committed, output_files
 from visualprm_ray.stages.aggregate import aggregate
 from visualprm_ray.stages.prepare import PrepareStage
@@ -26,16 +28,6 @@ if TYPE_CHECKING:
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
-
-
-@dataclass(frozen=True)
-class Resources:
-    """How the job is laid out on the cluster, decided by the driver from the config and the cluster."""
-
-    device: str
-    num_scorers: int
-    gpus_per_scorer: float
-    num_preparers: int
 
 
 @dataclass
@@ -125,6 +117,7 @@ def build_dataset(
             "config": config,
             "model_dir": config.model.source,
             "device": resources.device,
+            "cpu_threads": resources.cpu_threads_per_scorer,
             "progress": progress,
             "journal": journal,
         },
@@ -165,35 +158,6 @@ def rows_per_block(config: JobConfig, plan: ReadPlan, input_rows: int) -> int:
     return max(1, min(-(-input_rows // config.input.num_blocks), MAX_BATCHES_PER_BLOCK * batch))
 
 
-def plan_resources(config: JobConfig) -> Resources:
-    import ray
-
-    rt = config.runtime
-    cluster = ray.cluster_resources()
-    gpus = int(cluster.get("GPU", 0))
-    cpus = int(cluster.get("CPU", 1))
-    device = rt.device if rt.device != "auto" else ("cuda" if gpus else "cpu")
-    if device == "cuda" and not gpus:
-        raise RuntimeError("runtime.device is 'cuda' but the Ray cluster has no GPUs")
-    num_scorers = rt.num_scorers or (max(1, int(gpus / rt.gpus_per_scorer)) if device == "cuda" else 1)
-    # Leave CPUs for the read tasks: an actor pool holding every CPU starves them and the job hangs.
-    spare = max(cpus - num_scorers * rt.cpus_per_scorer - 1, rt.cpus_per_preparer)
-    # Preparing a group (tiling ~13 images' worth of pixels, tokenizing) costs a fraction of scoring
-    # it, so two preparers per GPU scorer keep it fed; more would only compete for cores. A CPU
-    # scorer already runs a thread per core, so there one preparer each is enough: a second one
-    # only takes cores from the scorer (2-core benchmark: 39 vs 42 s for 384 rows).
-    per_scorer = 2 if device == "cuda" else 1
-    num_preparers = rt.num_preparers or max(
-        1, min(int(spare / rt.cpus_per_preparer), per_scorer * num_scorers)
-    )
-    return Resources(
-        device=device,
-        num_scorers=num_scorers,
-        gpus_per_scorer=rt.gpus_per_scorer if device == "cuda" else 0,
-        num_preparers=num_preparers,
-    )
-
-
 def init_ray(config: JobConfig) -> None:
     """Attach to ``runtime.ray_address`` or ``$RAY_ADDRESS``; otherwise start a local Ray."""
     import ray
@@ -206,11 +170,12 @@ def init_ray(config: JobConfig) -> None:
         return
     rt = config.runtime
     needed = (rt.num_scorers or 1) * rt.cpus_per_scorer + (rt.num_preparers or 1) * rt.cpus_per_preparer
-    # Headroom over the machine's cores: Ray's CPU count is a scheduling token, and the read and
-    # write tasks need some while both actor pools hold theirs.
+    # Headroom over the machine's cores: Ray's CPU count is a scheduling token, and the preparers,
+    # the read and the write tasks need some while the scorers hold one each (on CPU, one replica
+    # per core where the model fits, layout.py).
     # address="local": always a fresh local Ray. A bare ray.init() would attach to whatever
     # cluster `ray start` left on this machine, with other resources and other code.
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(needed) + 2))
+    ray.init(address="local", num_cpus=max(usable_cores(), math.ceil(needed)) + 2)
 
 
 def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[InputFile]]:
@@ -420,9 +385,12 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     fingerprint = model_fingerprint(config)
     check_job_record(config, job_record(config, fingerprint))
     committed = scan_committed(config) if config.output.mode == "resume" else Committed()
+    threads = (
+        f" ({resources.cpu_threads_per_scorer} thread(s) each)" if resources.cpu_threads_per_scorer else ""
+    )
     emit(
         f"[visualprm-ray] {len(plan.files)} file(s), layout {plan.layout}, {counts.candidates_in} candidates; "
-        f"{resources.num_scorers} scorer(s) on {resources.device}, {resources.num_preparers} preparer(s)"
+        f"{resources.num_scorers} scorer(s) on {resources.device}{threads}, {resources.num_preparers} preparer(s)"
     )
     if committed.files or committed.removed:
         emit(

@@ -87,6 +87,22 @@ def test_three_shards_96_rows_read_by_duckdb_pandas_polars(grouped_run):
     assert "image" not in schema.names  # image bytes dropped by default
 
 
+def test_the_job_runs_the_layout_planned_for_this_machine(grouped_run, tiny_model):
+    from visualprm_ray.layout import cluster_view, model_parameters, plan_layout, usable_cores
+
+    root, _, manifest = grouped_run
+    view = cluster_view()
+    # The session's Ray declares 4 CPUs; the replicas are sized on the cores really there.
+    assert len(view.nodes) == 1 and view.nodes[0].memory > 0
+    assert view.nodes[0].cores == min(4, usable_cores())
+    config = _config(root / "in", root / "out", tiny_model)
+    planned = plan_layout(config, view, model_parameters(config))
+    assert manifest["resources"] == planned.__dict__
+    # A tiny checkpoint fits once per core; 4 Ray CPUs leave room for two replicas and a preparer.
+    assert (planned.device, planned.num_scorers) == ("cpu", min(usable_cores(), 2))
+    assert planned.cpu_threads_per_scorer == max(1, usable_cores() // planned.num_scorers)
+
+
 def test_job_scores_equal_in_process_scores(grouped_run, tiny_model):
     """The pipeline adds no numerical change: same scores as VisualPRM.score in one process."""
     root, groups, _ = grouped_run

@@ -83,3 +83,24 @@ def test_an_error_inside_the_stage_reaches_the_caller(setup):
     stage.scorer.score = broken
     with pytest.raises(KeyError, match="a bug in our code"):
         stage(prepared)
+
+
+def test_a_cpu_replica_runs_the_threads_the_driver_gave_it(setup):
+    import torch
+
+    config, model, prepared = setup
+    before = torch.get_num_threads()
+    stage = ScoreStage(config, model, "cpu", cpu_threads=1)
+    assert stage._torch_thread.submit(torch.get_num_threads).result() == 1
+    assert len(stage(prepared)) == 2
+    # Without a share from the driver the configured count wins, then every core.
+    torch.set_num_threads(before)
+    stage = ScoreStage(
+        config.model_copy(
+            update={"runtime": config.runtime.model_copy(update={"cpu_threads_per_scorer": 3})}
+        ),
+        model,
+        "cpu",
+    )
+    assert stage._torch_thread.submit(torch.get_num_threads).result() == 3
+    torch.set_num_threads(before)

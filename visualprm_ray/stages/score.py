@@ -110,6 +110,7 @@ class ScoreStage:
         config: JobConfig,
         model_dir: str,
         device: str,
+        cpu_threads: int | None = None,
         progress: str | None = None,
         journal: str | None = None,
     ) -> None:
@@ -121,7 +122,7 @@ class ScoreStage:
         # worker team per calling thread), scoring on a 2-core node ran 20-45% slower with
         # 1.35-1.6 of 2 cores busy (benchmarks/scorer_thread_cpu.py).
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visualprm-torch")
-        self._torch_thread.submit(self._load, config, model_dir, device).result()
+        self._torch_thread.submit(self._load, config, model_dir, device, cpu_threads).result()
         self.max_crashes = config.runtime.max_crashes_per_group
         from visualprm_ray.journal import JournalClient
         from visualprm_ray.progress import ProgressReporter
@@ -129,7 +130,7 @@ class ScoreStage:
         self.journal = JournalClient(journal) if journal else None
         self.progress = ProgressReporter.connect(progress) if progress else None
 
-    def _load(self, config: JobConfig, model_dir: str, device: str) -> None:
+    def _load(self, config: JobConfig, model_dir: str, device: str, cpu_threads: int | None) -> None:
         from visualprm_ray.checkpoint import load_checkpoint
         from visualprm_ray.scorer import GroupScorer, resolve_model_source
 
@@ -138,9 +139,11 @@ class ScoreStage:
 
             import torch
 
-            # Ray pins OMP_NUM_THREADS to the actor's CPU reservation (often 1); on a CPU-only node
-            # the scorer is the heavy stage and should use the cores its pool was sized for.
-            torch.set_num_threads(max(1, config.runtime.cpu_threads_per_scorer or os.cpu_count() or 1))
+            # Ray pins OMP_NUM_THREADS to the actor's CPU reservation (often 1); the driver sized
+            # each replica's share of the node's cores (visualprm_ray.layout), and a stage built
+            # without that share takes the configured count or every core.
+            threads = cpu_threads or config.runtime.cpu_threads_per_scorer or os.cpu_count() or 1
+            torch.set_num_threads(max(1, threads))
 
         checkpoint = load_checkpoint(
             resolve_model_source(model_dir, storage=config.storage, cache_dir=config.model.cache_dir),
