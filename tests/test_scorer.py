@@ -52,7 +52,7 @@ RESPONSES = [
 ]
 
 
-MODES = ["packed", "prefix_cache"]
+MODES = ["packed", "prefix_cache", "shared_prefix"]
 
 
 def _naive(prm: VisualPRM, question, responses, images, max_steps=12):
@@ -96,8 +96,31 @@ def test_fast_path_matches_naive_multi_image_and_text_only(prm, mode):
     _assert_close(results, _naive(prm, "What is 7 * 6?", RESPONSES, None))
 
 
-def test_default_mode_is_prefix_cache_for_sdpa(prm):
-    assert prm.scorer.mode == "prefix_cache"
+def test_shared_prefix_mode_runs_its_own_attention_and_leaves_the_model_as_it_was(prm, monkeypatch):
+    from visualprm_ray import attention
+
+    calls = []
+    real = attention.attention_with_lse
+
+    def counting(query, key, value, scale, causal):
+        calls.append((query.shape[0], key.shape[2], causal))
+        return real(query, key, value, scale, causal)
+
+    monkeypatch.setattr(attention, "attention_with_lse", counting)
+    config = prm.checkpoint.model.model.language_model.config
+    before = config._attn_implementation
+    _with_mode(prm, "shared_prefix").score("What is 7 * 6?", RESPONSES, None)
+    assert config._attn_implementation == before
+    layers = config.num_hidden_layers
+    # Per layer and chunk: one call over all the chunk's queries against the one prefix copy
+    # (a batch of 1), one causal call per candidate's own keys.
+    prefix_calls = [c for c in calls if not c[2]]
+    assert prefix_calls and all(batch == 1 for batch, _, _ in prefix_calls)
+    assert len(prefix_calls) == len(calls) - len(prefix_calls) and len(calls) % (2 * layers) == 0
+
+
+def test_default_mode_on_cpu_is_shared_prefix_for_sdpa(prm):
+    assert prm.scorer.mode == "shared_prefix"
 
 
 def test_prefix_sharing_really_shares(prm):

@@ -185,9 +185,9 @@ class ScoringConfig(BaseModel):
         description="Padded tokens per forward pass of the language model (batch rows x longest row); at least 256.",
     )
     vision_batch: int = Field(16, ge=1, description="Image tiles per forward pass of the vision encoder.")
-    prefix_mode: Literal["auto", "packed", "prefix_cache"] = Field(
+    prefix_mode: Literal["auto", "packed", "prefix_cache", "shared_prefix"] = Field(
         "auto",
-        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'packed' puts all candidates in one row with a tree mask; 'auto' picks prefix_cache unless attention is flex.",
+        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'shared_prefix' does the same without copying the prefix keys/values per candidate (attention in two parts merged exactly; not yet measured on a GPU), 'packed' puts all candidates in one row with a tree mask; 'auto' picks shared_prefix on CPU, prefix_cache on CUDA, packed with flex attention.",
     )
     context_policy: Literal["error", "truncate"] = Field(
         "error",

@@ -34,7 +34,7 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_VISION_BATCH = 16
 # packed: one row per group, tree mask (any attention backend, groups batched together);
 # prefix_cache: prefix forward once, candidates against its K/V (attention never spans candidates).
-PrefixMode = Literal["auto", "packed", "prefix_cache"]
+PrefixMode = Literal["auto", "packed", "prefix_cache", "shared_prefix"]
 
 
 @dataclass
@@ -172,9 +172,20 @@ class GroupScorer:
         self.model = checkpoint.model
         self.sdpa_kernels = sdpa_kernels
         attn = self.model.config._attn_implementation
-        # prefix_cache is faster wherever it applies (measured on CPU and GPU, docs/PERFORMANCE.md);
-        # flex attention expresses the packed tree block-sparsely, so it keeps the packed rows.
-        self.mode = mode if mode != "auto" else ("packed" if attn == "flex_attention" else "prefix_cache")
+        device_type = next(self.model.parameters()).device.type
+        # The prefix once beats the packed tree wherever it applies (measured on CPU and GPU,
+        # docs/PERFORMANCE.md); flex attention expresses the packed tree block-sparsely, so it
+        # keeps the packed rows. Sharing the prefix K/V without copies (shared_prefix) measured
+        # faster on CPU; on CUDA it waits for a GPU measurement, so prefix_cache stays there.
+        if mode == "auto":
+            mode = (
+                "packed"
+                if attn == "flex_attention"
+                else "shared_prefix"
+                if device_type == "cpu"
+                else "prefix_cache"
+            )
+        self.mode = mode
         self.tokenizer = checkpoint.tokenizer
         self.info = checkpoint.info
         self.token_budget = token_budget
@@ -188,8 +199,12 @@ class GroupScorer:
         self._embed = self.model.get_input_embeddings()
         self._language_model = self.model.model.language_model
         self._tokens_per_tile = self.info.image_tokens_per_tile
-        if self.mode == "prefix_cache" and attn not in ("sdpa", "eager"):
-            raise ValueError("prefix_cache mode needs sdpa or eager attention")
+        if self.mode in ("prefix_cache", "shared_prefix") and attn not in ("sdpa", "eager"):
+            raise ValueError(f"{self.mode} mode needs sdpa or eager attention")
+        if self.mode == "shared_prefix":
+            from visualprm_ray import attention
+
+            attention.register()
         # transformers renamed the forward's cache argument (past_key_values -> cache) within 5.x.
         params = inspect.signature(self._language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -334,29 +349,13 @@ class GroupScorer:
                 for j, k in enumerate(chunk):
                     sfx[j, : lengths[j]] = torch.from_numpy(group.suffixes[k])
                 sfx = sfx.to(self.device)
-                lens = torch.tensor(lengths, device=self.device)
                 q = torch.arange(width, device=self.device)
-                # [n, 1, query, prefix + key]: the whole prefix, then causal within the own suffix.
-                own = (q.view(1, width, 1) >= q.view(1, 1, width)) & (
-                    q.view(1, 1, width) < lens.view(n, 1, 1)
-                )
-                mask = torch.cat([torch.ones(n, width, p, dtype=torch.bool, device=self.device), own], dim=2)
-                mask = mask.unsqueeze(1)
-                if self.model.config._attn_implementation == "eager":
-                    dtype = prefix_hidden.dtype
-                    mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(
-                        ~mask, torch.finfo(dtype).min
+                if self.mode == "shared_prefix":
+                    suffix_hidden = self._shared_prefix_forward(sfx, p + q, prefix_kv)
+                else:
+                    suffix_hidden = self._cached_prefix_forward(
+                        sfx, p, q, lengths, prefix_kv, prefix_hidden.dtype
                     )
-                chunk_cache = DynamicCache()
-                for layer_idx, (k, v) in enumerate(prefix_kv):
-                    chunk_cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), layer_idx)
-                suffix_hidden = self._language_model(
-                    inputs_embeds=self._embed_with_images(sfx, None),
-                    attention_mask=mask,
-                    position_ids=(p + q).unsqueeze(0).expand(n, width),
-                    use_cache=True,
-                    **{self._cache_kwarg: chunk_cache},
-                ).last_hidden_state
             rows = []
             for j, k in enumerate(chunk):
                 pos = torch.from_numpy(group.positions[k]).to(self.device)
@@ -375,9 +374,59 @@ class GroupScorer:
                 results[k] = part
         return results
 
+    def _cached_prefix_forward(self, sfx, p, q, lengths, prefix_kv, dtype) -> torch.Tensor:
+        """Suffix hidden states of a chunk with the prefix K/V copied into the chunk's cache."""
+        import torch
+        from transformers import DynamicCache
+
+        n, width = sfx.shape
+        lens = torch.tensor(lengths, device=self.device)
+        # [n, 1, query, prefix + key]: the whole prefix, then causal within the own suffix.
+        own = (q.view(1, width, 1) >= q.view(1, 1, width)) & (q.view(1, 1, width) < lens.view(n, 1, 1))
+        mask = torch.cat([torch.ones(n, width, p, dtype=torch.bool, device=self.device), own], dim=2)
+        mask = mask.unsqueeze(1)
+        if self.model.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill_(
+                ~mask, torch.finfo(dtype).min
+            )
+        chunk_cache = DynamicCache()
+        for layer_idx, (k, v) in enumerate(prefix_kv):
+            chunk_cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), layer_idx)
+        return self._language_model(
+            inputs_embeds=self._embed_with_images(sfx, None),
+            attention_mask=mask,
+            position_ids=(p + q).unsqueeze(0).expand(n, width),
+            use_cache=True,
+            **{self._cache_kwarg: chunk_cache},
+        ).last_hidden_state
+
+    def _shared_prefix_forward(self, sfx, positions, prefix_kv) -> torch.Tensor:
+        """Suffix hidden states of a chunk attending to the one prefix K/V (visualprm_ray.attention).
+
+        No cache and no mask: the attention function reads the prefix K/V per layer and applies
+        causality within each candidate itself. The implementation is switched for this forward
+        only, so the prefix forward and other scorers on the same model are untouched (one model
+        is not scored from two threads at once: the score stage keeps its torch work on one).
+        """
+        from visualprm_ray import attention
+
+        config = self._language_model.config
+        n, width = sfx.shape
+        before = config._attn_implementation
+        config._attn_implementation = attention.NAME
+        try:
+            return self._language_model(
+                inputs_embeds=self._embed_with_images(sfx, None),
+                position_ids=positions.unsqueeze(0).expand(n, width),
+                use_cache=False,
+                visualprm_prefix=prefix_kv,
+            ).last_hidden_state
+        finally:
+            config._attn_implementation = before
+
     def score(self, groups: Sequence[PreparedGroup]) -> list[list[np.ndarray | None]]:
         """Step scores per group, per candidate (None for candidates with an error)."""
-        if self.mode == "prefix_cache":
+        if self.mode in ("prefix_cache", "shared_prefix"):
             return self._score_prefix_cache(groups)
         return self._score_packed(groups)
 
