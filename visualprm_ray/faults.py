@@ -13,7 +13,7 @@ runtime environment, so a test can set it before starting a job on an already ru
 - ``kill_times``: how many times per id (default 1; -1 for every time, a poison row);
 - ``state_dir``: a directory where the kills are counted (the actor's memory dies with it);
 - ``oom_over_tokens``: make every language-model forward that attends over more than this many
-  tokens (rows x (new + cached tokens per row)) raise ``torch.OutOfMemoryError``, as a GPU would.
+  tokens (rows x (new + prefix tokens per row)) raise ``torch.OutOfMemoryError``, as a GPU would.
 """
 
 from __future__ import annotations
@@ -81,8 +81,14 @@ class _OutOfMemoryOverTokens:
 
         embeds = kwargs["inputs_embeds"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        # Memory grows with every row's keys/values: the cached prefix is expanded per row.
-        cached = cache.get_seq_length() if cache is not None else 0
+        shared = kwargs.get("visualprm_prefix")
+        # Every row attends over its own tokens and the prefix: copied per row into the cache
+        # (prefix_cache) or shared (shared_prefix); either way the limit counts the same tokens.
+        cached = 0
+        if cache is not None:
+            cached = cache.get_seq_length()
+        elif shared:
+            cached = shared[0][0].shape[2]
         tokens = embeds.shape[0] * (embeds.shape[1] + cached)
         if tokens > self.limit:
             raise torch.OutOfMemoryError(
