@@ -34,6 +34,8 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_VISION_BATCH = 16
 # packed: one row per group, tree mask (any attention backend, groups batched together);
 # prefix_cache: prefix forward once, candidates against its K/V (attention never spans candidates).
+# shared_prefix: the same, with the prefix K/V shared by a chunk's candidates, not copied per
+# candidate (visualprm_ray.attention).
 PrefixMode = Literal["auto", "packed", "prefix_cache", "shared_prefix"]
 
 
