@@ -135,14 +135,14 @@ class ScoreStage:
         from visualprm_ray.scorer import GroupScorer, resolve_model_source
 
         if device == "cpu":
-            import os
-
             import torch
+
+            from visualprm_ray.layout import usable_cores
 
             # Ray pins OMP_NUM_THREADS to the actor's CPU reservation (often 1); the driver sized
             # each replica's share of the node's cores (visualprm_ray.layout), and a stage built
             # without that share takes the configured count or every core.
-            threads = cpu_threads or config.runtime.cpu_threads_per_scorer or os.cpu_count() or 1
+            threads = cpu_threads or config.runtime.cpu_threads_per_scorer or usable_cores()
             torch.set_num_threads(max(1, threads))
 
         checkpoint = load_checkpoint(
