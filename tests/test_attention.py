@@ -36,32 +36,70 @@ def test_merging_two_key_sets_is_attention_over_their_union():
     assert (attention.merge(parts, q.dtype) - union).abs().max() < 1e-6
 
 
+def test_packing_round_trip_and_zero_padding():
+    lengths = [5, 2, 3, 1]
+    packing = attention.Packing.of(lengths, "cpu")
+    assert packing.tokens == 11 and packing.width == 5
+    x = torch.arange(1 * 3 * 11 * 2, dtype=torch.float32).view(1, 3, 11, 2) + 1
+    padded = packing.to_padded(x)
+    assert padded.shape == (4, 3, 5, 2)
+    start = 0
+    for j, n in enumerate(lengths):  # candidate j's tokens, in order, then zeros
+        assert torch.equal(padded[j, :, :n], x[0, :, start : start + n])
+        assert not padded[j, :, n:].any()
+        start += n
+    assert torch.equal(packing.to_packed(padded), x)
+
+
 def test_shared_prefix_attention_equals_sdpa_over_a_copied_prefix():
-    """The fast function vs what prefix_cache mode computes: the prefix copied per candidate,
-    then the candidate's own keys, causal, right-padded rows ignored."""
+    """The fast function vs what prefix_cache mode computes for each candidate: the prefix
+    copied in front of the candidate's own keys, causal within them."""
     g = torch.Generator().manual_seed(2)
-    n, heads, kv_heads, width, prefix, dim = 3, 8, 2, 6, 11, 16
-    lengths = [6, 4, 1]
-    q = torch.randn(n, heads, width, dim, generator=g)
-    k = torch.randn(n, kv_heads, width, dim, generator=g)
-    v = torch.randn(n, kv_heads, width, dim, generator=g)
+    heads, kv_heads, prefix, dim = 8, 2, 11, 16
+    lengths = [6, 4, 1, 6]
+    tokens = sum(lengths)
+    q = torch.randn(1, heads, tokens, dim, generator=g)
+    k = torch.randn(1, kv_heads, tokens, dim, generator=g)
+    v = torch.randn(1, kv_heads, tokens, dim, generator=g)
     pk = torch.randn(1, kv_heads, prefix, dim, generator=g)
     pv = torch.randn(1, kv_heads, prefix, dim, generator=g)
     module = types.SimpleNamespace(layer_idx=1)
+    packing = attention.Packing.of(lengths, "cpu")
     out, weights = attention.shared_prefix_attention(
-        module, q, k, v, None, scaling=0.2, visualprm_prefix=[None, (pk, pv)]
+        module, q, k, v, None, scaling=0.2, visualprm_prefix=[None, (pk, pv)], visualprm_packing=packing
     )
-    assert weights is None and out.shape == (n, width, heads, dim)
+    assert weights is None and out.shape == (1, tokens, heads, dim)
 
-    keys = torch.cat([pk.expand(n, -1, -1, -1), k], 2).repeat_interleave(4, dim=1)
-    values = torch.cat([pv.expand(n, -1, -1, -1), v], 2).repeat_interleave(4, dim=1)
-    pos = torch.arange(width)
-    own = (pos.view(width, 1) >= pos.view(1, width)).expand(n, width, width)
-    mask = torch.cat([torch.ones(n, width, prefix, dtype=torch.bool), own], 2).unsqueeze(1)
-    expected = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=0.2)
-    for j, length in enumerate(lengths):  # only real tokens are compared; padding is never read
-        diff = (out[j, :length] - expected[j].transpose(0, 1)[:length]).abs().max()
-        assert diff < 1e-5
+    start = 0
+    for n in lengths:  # each candidate alone, the obvious way
+        own = slice(start, start + n)
+        keys = torch.cat([pk, k[:, :, own]], 2).repeat_interleave(4, dim=1)
+        values = torch.cat([pv, v[:, :, own]], 2).repeat_interleave(4, dim=1)
+        pos = torch.arange(n)
+        mask = torch.cat([torch.ones(n, prefix, dtype=torch.bool), pos.view(n, 1) >= pos.view(1, n)], 1)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, own], keys, values, attn_mask=mask, scale=0.2
+        )
+        assert (out[0, own] - expected[0].transpose(0, 1)).abs().max() < 1e-5
+        start += n
+
+
+def test_shared_prefix_attention_refuses_a_row_its_packing_does_not_describe():
+    q = torch.zeros(1, 2, 5, 4)
+    prefix = [(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))]
+    module = types.SimpleNamespace(layer_idx=0)
+    with pytest.raises(ValueError, match="packed row"):
+        attention.shared_prefix_attention(
+            module,
+            q,
+            q,
+            q,
+            None,
+            visualprm_prefix=prefix,
+            visualprm_packing=attention.Packing.of([2, 2], "cpu"),
+        )
+    with pytest.raises(ValueError, match="packed row"):
+        attention.shared_prefix_attention(module, q, q, q, None, visualprm_prefix=prefix)
 
 
 def test_without_a_prefix_it_is_plain_sdpa():

@@ -113,10 +113,45 @@ def test_shared_prefix_mode_runs_its_own_attention_and_leaves_the_model_as_it_wa
     assert config._attn_implementation == before
     layers = config.num_hidden_layers
     # Per layer and chunk: one call over all the chunk's queries against the one prefix copy
-    # (a batch of 1), one causal call per candidate's own keys.
+    # (a batch of 1), and one causal call over the candidates' own keys (a batch of candidates).
     prefix_calls = [c for c in calls if not c[2]]
+    own_calls = [c for c in calls if c[2]]
     assert prefix_calls and all(batch == 1 for batch, _, _ in prefix_calls)
-    assert len(prefix_calls) == len(calls) - len(prefix_calls) and len(calls) % (2 * layers) == 0
+    assert len(prefix_calls) == len(own_calls) and len(calls) % (2 * layers) == 0
+    # The default budget holds the whole group in one chunk: its distinct non-empty suffixes.
+    group = prm.prepare("What is 7 * 6?", RESPONSES)
+    distinct = {group.suffixes[k].tobytes() for k in range(group.num_candidates) if len(group.suffixes[k])}
+    assert len(own_calls) == layers and all(batch == len(distinct) for batch, _, _ in own_calls)
+
+
+def test_shared_prefix_rows_are_packed_without_padding(prm, monkeypatch):
+    """Each chunk is one row holding exactly its candidates' suffix tokens, and the chunks of a
+    group split by a small budget count real tokens, not rows x longest."""
+    scorer = GroupScorer(prm.checkpoint, token_budget=60, mode="shared_prefix")
+    rows = []
+    real = scorer._language_model
+
+    class Recording:
+        config = real.config
+
+        def __call__(self, *args, **kwargs):
+            if "visualprm_packing" in kwargs:  # the chunk forwards, not the prefix forward
+                rows.append((tuple(kwargs["inputs_embeds"].shape[:2]), kwargs["visualprm_packing"].lengths))
+            return real(*args, **kwargs)
+
+    image = _diagram(400, 300, 8)
+    group = prm.prepare(QUESTION, RESPONSES, image)
+    monkeypatch.setattr(scorer, "_language_model", Recording())
+    scored = scorer.score([group])[0]
+    assert len(rows) > 1, "the budget should split the group into several chunks"
+    for (batch, width), lengths in rows:
+        assert batch == 1 and width == sum(lengths)
+        assert width <= 60 or len(lengths) == 1
+    suffixes = sorted(len(s) for s in group.suffixes if len(s))
+    assert sorted(n for _, lengths in rows for n in lengths) == suffixes
+    naive = _naive(prm, QUESTION, RESPONSES, image)
+    for a, b in zip(scored, naive, strict=True):
+        assert np.abs(a - b).max() < TOL
 
 
 def test_default_mode_on_cpu_is_shared_prefix_for_sdpa(prm):
@@ -167,6 +202,35 @@ def test_token_budget_split_and_multi_group_batches(ckpt_dir, prm, mode):
     # Batches respect the budget (padded tokens) unless a single row is longer than it.
     for batch in plan_batches(groups, 9000):
         assert len(batch.units) * batch.width <= 9000 or len(batch.units) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_small_images_of_several_groups_share_vision_forwards(prm, mode, monkeypatch):
+    groups = [
+        prm.prepare(QUESTION, RESPONSES[:2], _diagram(300, 300, 10)),  # 1 tile
+        prm.prepare("What is 7 * 6?", RESPONSES[:3], None),  # no image
+        prm.prepare(QUESTION, RESPONSES[1:4], _diagram(900, 300, 11)),  # 3 tiles + thumbnail
+        prm.prepare(QUESTION, RESPONSES[:2], [_diagram(200, 200, 12), _diagram(250, 250, 13)]),  # 2
+    ]
+    assert [len(g.tiles) for g in groups] == [1, 0, 4, 2]
+    calls = []
+    vision = prm.checkpoint.model.model.get_image_features
+
+    def counting(pixel_values):
+        calls.append(len(pixel_values))
+        return vision(pixel_values=pixel_values)
+
+    one_by_one = GroupScorer(prm.checkpoint, vision_batch=1, mode=mode).score(groups)
+    monkeypatch.setattr(prm.checkpoint.model.model, "get_image_features", counting)
+    together = GroupScorer(prm.checkpoint, vision_batch=16, mode=mode).score(groups)
+    assert calls == [7]  # every tile of the batch in one vision forward
+    calls.clear()
+    GroupScorer(prm.checkpoint, vision_batch=5, mode=mode).score(groups)
+    # Windows of whole groups up to 5 tiles (1 + 0 + 4), then the last group's 2.
+    assert calls == [5, 2]
+    for a, b in zip(one_by_one, together, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert np.abs(x - y).max() < TOL
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -261,3 +325,38 @@ def test_checkpoint_system_message_is_used(tmp_path):
             : len(ck.tokenizer.encode("<|im_start|>system\nYou are a grader.<|im_end|>\n"))
         ].tolist()
     )
+
+
+# -- on a CUDA device (`pytest -m gpu`; left out of `make test`) ------------------------------------
+# The CPU tests above check every layout's arithmetic; these check the CUDA kernels each one
+# reaches (flash in bf16, memory-efficient in float32, the aten ops with log-sum-exp of
+# shared_prefix) against the naive forward on the same device.
+
+
+@pytest.fixture(scope="module")
+def cuda_device():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device")
+    return "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget", [16384, 64])
+@pytest.mark.parametrize("dtype,tol", [("float32", TOL), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_fast_path_matches_naive(ckpt_dir, cuda_device, mode, dtype, tol, budget):
+    prm = VisualPRM.from_pretrained(
+        ckpt_dir, device=cuda_device, dtype=dtype, prefix_mode=mode, token_budget=budget
+    )
+    image = _diagram(800, 600, 0)
+    _assert_close(prm.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image), tol)
+    text_only = "What is 7 * 6?"
+    _assert_close(prm.score(text_only, RESPONSES, None), _naive(prm, text_only, RESPONSES, None), tol)
+
+
+@pytest.mark.gpu
+def test_cuda_default_mode_is_prefix_cache(ckpt_dir, cuda_device):
+    prm = VisualPRM.from_pretrained(ckpt_dir, device=cuda_device, dtype="bfloat16")
+    assert prm.scorer.mode == "prefix_cache"

@@ -6,12 +6,17 @@ device time on an H200 (docs/PERFORMANCE.md). Here the attention of a chunk is s
 parts instead:
 
 - every query of every candidate against the one shared prefix K/V, with no mask (a candidate
-  sees the whole prefix): one attention call over ``n x width`` queries;
-- each candidate against its own keys, causally (right padding is never seen by a real query).
+  sees the whole prefix): one attention call over all of the chunk's queries;
+- each candidate against its own keys, causally.
 
 Softmax over the union of two key sets is the two partial results weighted by their
 log-sum-exps, so the merge is exact up to rounding. The kernels that return the log-sum-exp are
 PyTorch's own flash / memory-efficient / CPU flash ops; anywhere else the plain math is used.
+
+The chunk's candidates are packed into one row without padding (:class:`Packing`), so every
+projection, MLP and norm of the layer runs on real tokens only. Only the candidates' own causal
+attention, a small part of the work, runs on a padded ``[candidates, longest]`` copy of their
+queries/keys/values, because that is the form the standard kernels take.
 
 Registered with transformers' attention interface under :data:`NAME`; without the
 ``visualprm_prefix`` keyword (the prefix forward, the vision tower) it is plain SDPA.
@@ -19,12 +24,54 @@ Registered with transformers' attention interface under :data:`NAME`; without th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 NAME = "visualprm_shared_prefix"
+
+
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """Where a chunk's candidates sit in its one packed row.
+
+    Candidate ``j`` holds ``lengths[j]`` consecutive tokens of the row, in order. ``index`` maps each
+    token of the row to its slot ``j * width + i`` in the padded ``[candidates, width]`` layout the
+    causal kernel runs on (``width`` = the longest candidate).
+    """
+
+    lengths: tuple[int, ...]
+    width: int
+    index: torch.Tensor  # [tokens] int64, on the model's device
+
+    @classmethod
+    def of(cls, lengths: list[int], device: torch.device | str) -> Packing:
+        import numpy as np
+        import torch
+
+        width = max(lengths)
+        slots = np.concatenate([j * width + np.arange(n) for j, n in enumerate(lengths)])
+        return cls(tuple(lengths), width, torch.from_numpy(slots).to(device))
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+    def to_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, heads, tokens, D]`` (packed) to ``[candidates, heads, width, D]``, zeros after each end."""
+        _, heads, _, dim = x.shape
+        n = len(self.lengths)
+        padded = x.new_zeros(n * self.width, heads, dim)
+        padded[self.index] = x[0].transpose(0, 1)
+        return padded.view(n, self.width, heads, dim).transpose(1, 2)
+
+    def to_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """``[candidates, heads, width, ...]`` back to ``[1, heads, tokens, ...]``, padding dropped."""
+        n, heads, width = x.shape[:3]
+        flat = x.transpose(1, 2).reshape(n * width, heads, *x.shape[3:])
+        return flat.index_select(0, self.index).transpose(0, 1).unsqueeze(0)
 
 
 def _repeat_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -94,31 +141,46 @@ def shared_prefix_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: [n, H, width, D] queries -> [n, width, H, D] outputs."""
+    """transformers attention function: a packed row's ``[1, H, tokens, D]`` queries -> ``[1, tokens, H, D]``.
+
+    With ``visualprm_prefix`` (per layer, the prefix's ``[1, kv heads, prefix, D]`` keys and values)
+    and ``visualprm_packing`` (a :class:`Packing`), the row is a chunk of candidates packed end to
+    end; the mask transformers would build is not needed and is ignored.
+    """
     prefix = kwargs.pop("visualprm_prefix", None)
+    packing: Packing | None = kwargs.pop("visualprm_packing", None)
     if prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    n, heads, width, dim = query.shape
+    if packing is None or query.shape[0] != 1 or query.shape[2] != packing.tokens:
+        raise ValueError("shared-prefix attention takes one packed row and the Packing that describes it")
+    dim = query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
     prefix_key, prefix_value = prefix[module.layer_idx]  # [1, kv heads, prefix, D]
-    # All n x width queries as one row against the single prefix copy.
-    flat = query.transpose(0, 1).reshape(1, heads, n * width, dim)
-    out_p, lse_p = attention_with_lse(flat, prefix_key, prefix_value, scale, causal=False)
-    out_p = out_p.reshape(heads, n, width, dim).transpose(0, 1)
-    lse_p = lse_p.reshape(heads, n, width).transpose(0, 1)
-    own = attention_with_lse(query, key, value, scale, causal=True)
-    out = merge([(out_p, lse_p), own], query.dtype)
+    # Every token of the row against the single prefix copy: no mask, one call.
+    shared = attention_with_lse(query, prefix_key, prefix_value, scale, causal=False)
+    own_out, own_lse = attention_with_lse(
+        packing.to_padded(query), packing.to_padded(key), packing.to_padded(value), scale, causal=True
+    )
+    # Right padding is never seen by a real query (causal), and padded queries are dropped here.
+    own = (packing.to_packed(own_out), packing.to_packed(own_lse.unsqueeze(-1)).squeeze(-1))
+    out = merge([shared, own], query.dtype)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The mask function of :data:`NAME`: the attention above applies its own structure, so
+    transformers is spared building a ``[tokens, tokens]`` mask for the packed row."""
+    return None
 
 
 def register() -> None:
     """Make :data:`NAME` a valid ``attn_implementation`` (idempotent)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, shared_prefix_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, _no_mask)

@@ -182,12 +182,12 @@ class ScoringConfig(BaseModel):
     token_budget: int = Field(
         16384,
         ge=256,
-        description="Padded tokens per forward pass of the language model (batch rows x longest row); at least 256.",
+        description="Tokens per forward pass of the language model, padding included (rows x longest row; prefix_mode shared_prefix packs candidates without padding, so there it counts real tokens); at least 256.",
     )
     vision_batch: int = Field(16, ge=1, description="Image tiles per forward pass of the vision encoder.")
     prefix_mode: Literal["auto", "packed", "prefix_cache", "shared_prefix"] = Field(
         "auto",
-        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'shared_prefix' does the same without copying the prefix keys/values per candidate (attention in two parts merged exactly; not yet measured on a GPU), 'packed' puts all candidates in one row with a tree mask; 'auto' picks shared_prefix on CPU, prefix_cache on CUDA, packed with flex attention.",
+        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'shared_prefix' does the same with the candidates packed into one row without padding and one uncopied prefix keys/values (attention in two parts merged exactly; not yet measured on a GPU), 'packed' puts all candidates in one row with a tree mask; 'auto' picks shared_prefix on CPU, prefix_cache on CUDA, packed with flex attention.",
     )
     context_policy: Literal["error", "truncate"] = Field(
         "error",

@@ -82,14 +82,15 @@ class _OutOfMemoryOverTokens:
         embeds = kwargs["inputs_embeds"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         shared = kwargs.get("visualprm_prefix")
-        # Every row attends over its own tokens and the prefix: copied per row into the cache
-        # (prefix_cache) or shared (shared_prefix); either way the limit counts the same tokens.
-        cached = 0
-        if cache is not None:
-            cached = cache.get_seq_length()
-        elif shared:
-            cached = shared[0][0].shape[2]
-        tokens = embeds.shape[0] * (embeds.shape[1] + cached)
+        # Every candidate attends over its own tokens and the prefix: copied per row into the
+        # cache (prefix_cache) or shared by a packed row of candidates (shared_prefix); either
+        # way the limit counts the same tokens.
+        if shared:
+            candidates = len(kwargs["visualprm_packing"].lengths)
+            tokens = embeds.shape[1] + candidates * shared[0][0].shape[2]
+        else:
+            cached = cache.get_seq_length() if cache is not None else 0
+            tokens = embeds.shape[0] * (embeds.shape[1] + cached)
         if tokens > self.limit:
             raise torch.OutOfMemoryError(
                 f"simulated: a forward over {tokens} tokens, limit {self.limit} ({ENV})"

@@ -1,19 +1,21 @@
 """The fast scorer: each image encoded once, each group's shared prefix computed once (SPEC §3).
 
 Upstream scores a group of N candidates with N full forwards, each re-encoding the image and
-re-reading the ~3.5k-token prefix. Here a group becomes one packed row: the common token prefix
-followed by every candidate's suffix, with a tree-shaped attention mask (a suffix token sees the
-whole prefix and the earlier tokens of its own suffix) and position ids that restart at the prefix
-length for each suffix. Causal attention makes every candidate's hidden states identical to those
-of its own full forward, so the scores are the same numbers for a fraction of the work. Rows are
-batched by a token budget (padded tokens counted) rather than a row count, and P(+) is computed
-from the two logits of '+' and '-' only, in float32, at the score positions only.
+re-reading the ~3.5k-token prefix. Here the common token prefix runs once and every candidate's
+suffix is computed against it, with position ids that continue from the prefix length. Causal
+attention makes every candidate's hidden states identical to those of its own full forward, so
+the scores are the same numbers for a fraction of the work. Three layouts do that (``PrefixMode``):
+one packed row per group with a tree-shaped mask (``packed``); the prefix's K/V copied in front of
+right-padded candidate rows (``prefix_cache``); or candidates packed end to end in one row without
+padding, attending to one copy of the prefix K/V (``shared_prefix``, :mod:`visualprm_ray.attention`).
+Work is cut by a token budget rather than a row count, and P(+) is computed from the two logits
+of '+' and '-' only, in float32, at the score positions only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -34,8 +36,8 @@ DEFAULT_TOKEN_BUDGET = 16384
 DEFAULT_VISION_BATCH = 16
 # packed: one row per group, tree mask (any attention backend, groups batched together);
 # prefix_cache: prefix forward once, candidates against its K/V (attention never spans candidates).
-# shared_prefix: the same, with the prefix K/V shared by a chunk's candidates, not copied per
-# candidate (visualprm_ray.attention).
+# shared_prefix: the same, with a chunk's candidates packed into one row without padding and
+# attending to one shared copy of the prefix K/V (visualprm_ray.attention).
 PrefixMode = Literal["auto", "packed", "prefix_cache", "shared_prefix"]
 
 
@@ -342,46 +344,40 @@ class GroupScorer:
             else list(zip(cache.key_cache, cache.value_cache, strict=True))
         )
         results: dict[int, np.ndarray] = {}
-        for chunk in _chunks_by_budget(candidates, group, self.token_budget):
+        packed = self.mode == "shared_prefix"
+        for chunk in _chunks_by_budget(candidates, group, self.token_budget, packed=packed):
             lengths = [len(group.suffixes[k]) for k in chunk]
-            width, n = max(lengths), len(chunk)
-            suffix_hidden = None
-            if width:
-                sfx = torch.zeros(n, width, dtype=torch.long)
-                for j, k in enumerate(chunk):
-                    sfx[j, : lengths[j]] = torch.from_numpy(group.suffixes[k])
-                sfx = sfx.to(self.device)
-                q = torch.arange(width, device=self.device)
-                if self.mode == "shared_prefix":
-                    suffix_hidden = self._shared_prefix_forward(sfx, p + q, prefix_kv)
+            suffix_hidden, starts = None, np.zeros(len(chunk), dtype=np.int64)
+            if max(lengths):
+                if packed:
+                    suffix_hidden = self._shared_prefix_forward(group, chunk, p, prefix_kv)
+                    starts = np.cumsum([0, *lengths[:-1]])
                 else:
                     suffix_hidden = self._cached_prefix_forward(
-                        sfx, p, q, lengths, prefix_kv, prefix_hidden.dtype
+                        group, chunk, p, prefix_kv, prefix_hidden.dtype
                     )
-            rows = []
-            for j, k in enumerate(chunk):
-                pos = torch.from_numpy(group.positions[k]).to(self.device)
-                in_prefix = pos < p
-                h = torch.empty(
-                    len(pos), prefix_hidden.shape[-1], dtype=prefix_hidden.dtype, device=self.device
-                )
-                h[in_prefix] = prefix_hidden[pos[in_prefix]]
-                if suffix_hidden is not None:
-                    h[~in_prefix] = suffix_hidden[j, pos[~in_prefix] - p]
-                rows.append(h)
-            probs = self._p_plus(torch.cat(rows))
+                    starts = np.arange(len(chunk)) * max(lengths)
+            positions = [group.positions[k] for k in chunk]
+            probs = self._p_plus(_score_rows(prefix_hidden, suffix_hidden, positions, starts, p))
             for k, part in zip(
-                chunk, np.split(probs, np.cumsum([len(group.positions[k]) for k in chunk])[:-1]), strict=True
+                chunk, np.split(probs, np.cumsum([len(x) for x in positions])[:-1]), strict=True
             ):
                 results[k] = part
         return results
 
-    def _cached_prefix_forward(self, sfx, p, q, lengths, prefix_kv, dtype) -> torch.Tensor:
-        """Suffix hidden states of a chunk with the prefix K/V copied into the chunk's cache."""
+    def _cached_prefix_forward(self, group, chunk, p, prefix_kv, dtype) -> torch.Tensor:
+        """Suffix hidden states of a chunk, right-padded rows with the prefix K/V copied into the
+        chunk's cache: ``[candidates * longest, hidden]``, candidate j's tokens from ``j * longest``."""
         import torch
         from transformers import DynamicCache
 
-        n, width = sfx.shape
+        lengths = [len(group.suffixes[k]) for k in chunk]
+        n, width = len(chunk), max(lengths)
+        sfx = torch.zeros(n, width, dtype=torch.long)
+        for j, k in enumerate(chunk):
+            sfx[j, : lengths[j]] = torch.from_numpy(group.suffixes[k])
+        sfx = sfx.to(self.device)
+        q = torch.arange(width, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
         # [n, 1, query, prefix + key]: the whole prefix, then causal within the own suffix.
         own = (q.view(1, width, 1) >= q.view(1, 1, width)) & (q.view(1, 1, width) < lens.view(n, 1, 1))
@@ -394,35 +390,43 @@ class GroupScorer:
         chunk_cache = DynamicCache()
         for layer_idx, (k, v) in enumerate(prefix_kv):
             chunk_cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), layer_idx)
-        return self._language_model(
+        hidden = self._language_model(
             inputs_embeds=self._embed_with_images(sfx, None),
             attention_mask=mask,
             position_ids=(p + q).unsqueeze(0).expand(n, width),
             use_cache=True,
             **{self._cache_kwarg: chunk_cache},
         ).last_hidden_state
+        return hidden.reshape(n * width, hidden.shape[-1])
 
-    def _shared_prefix_forward(self, sfx, positions, prefix_kv) -> torch.Tensor:
-        """Suffix hidden states of a chunk attending to the one prefix K/V (visualprm_ray.attention).
+    def _shared_prefix_forward(self, group, chunk, p, prefix_kv) -> torch.Tensor:
+        """Suffix hidden states of a chunk packed end to end in one row, attending to the one prefix
+        K/V (visualprm_ray.attention): ``[tokens, hidden]``, no padding.
 
         No cache and no mask: the attention function reads the prefix K/V per layer and applies
         causality within each candidate itself. The implementation is switched for this forward
         only, so the prefix forward and other scorers on the same model are untouched (one model
         is not scored from two threads at once: the score stage keeps its torch work on one).
         """
+        import torch
+
         from visualprm_ray import attention
 
+        lengths = [len(group.suffixes[k]) for k in chunk]
+        ids = torch.from_numpy(np.concatenate([group.suffixes[k] for k in chunk])).to(self.device)
+        # Each candidate's positions continue from the prefix, as in its own full sequence.
+        positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for n in lengths])).to(self.device)
         config = self._language_model.config
-        n, width = sfx.shape
         before = config._attn_implementation
         config._attn_implementation = attention.NAME
         try:
             return self._language_model(
-                inputs_embeds=self._embed_with_images(sfx, None),
-                position_ids=positions.unsqueeze(0).expand(n, width),
+                inputs_embeds=self._embed_with_images(ids.unsqueeze(0), None),
+                position_ids=positions.unsqueeze(0),
                 use_cache=False,
                 visualprm_prefix=prefix_kv,
-            ).last_hidden_state
+                visualprm_packing=attention.Packing.of(lengths, self.device),
+            ).last_hidden_state[0]
         finally:
             config._attn_implementation = before
 
@@ -437,11 +441,36 @@ class GroupScorer:
 
         results: list[list[np.ndarray | None]] = [[None] * g.num_candidates for g in groups]
         with torch.inference_mode(), self._attention_kernels():
-            for g, group in enumerate(groups):
-                features = self.encode_tiles(group.tiles) if len(group.tiles) else None
+            for g, (group, features) in enumerate(zip(groups, self._features_by_window(groups), strict=True)):
                 for k, s in self._score_group_with_prefix_cache(group, features).items():
                     results[g][k] = s
         return _copy_duplicates(groups, results)
+
+    def _features_by_window(self, groups: Sequence[PreparedGroup]) -> Iterator[torch.Tensor | None]:
+        """Each group's image features, in order, with the tiles of consecutive groups encoded
+        together up to ``vision_batch`` tiles per vision forward.
+
+        Groups of one or a few tiles (small images) then share vision forwards instead of each
+        running its own small one; at most a window's features are held beyond the group being
+        scored, so a large batch of groups never holds all of its image features at once.
+        """
+        import torch
+
+        start = 0
+        while start < len(groups):
+            end, tiles = start + 1, len(groups[start].tiles)
+            while end < len(groups) and tiles + len(groups[end].tiles) <= self.vision_batch:
+                tiles += len(groups[end].tiles)
+                end += 1
+            window = [groups[g].tiles for g in range(start, end) if len(groups[g].tiles)]
+            encoded = iter(())
+            if window:
+                pixels = window[0] if len(window) == 1 else np.concatenate(window)
+                sizes = [len(t) * self._tokens_per_tile for t in window]
+                encoded = iter(torch.split(self.encode_tiles(pixels), sizes))
+            for g in range(start, end):
+                yield next(encoded) if len(groups[g].tiles) else None
+            start = end
 
     def _score_packed(self, groups: Sequence[PreparedGroup]) -> list[list[np.ndarray | None]]:
         import torch
@@ -484,21 +513,62 @@ def _copy_duplicates(groups, results):
     return results
 
 
-def _chunks_by_budget(candidates: list[int], group: PreparedGroup, budget: int) -> list[list[int]]:
-    """Consecutive candidate chunks whose padded suffix tokens (rows x longest) fit the budget."""
+def _chunks_by_budget(
+    candidates: list[int], group: PreparedGroup, budget: int, *, packed: bool = False
+) -> list[list[int]]:
+    """Consecutive candidate chunks, longest first, that fit the token budget.
+
+    Right-padded rows (``prefix_cache``) count rows x longest. Packed rows (``shared_prefix``) count
+    their real tokens; their own-attention step still runs on a padded copy, so rows x longest is
+    kept within twice the budget there, which bounds its memory when lengths differ widely.
+    """
     chunks: list[list[int]] = []
     current: list[int] = []
-    width = 0
+    width = tokens = 0
     for k in sorted(candidates, key=lambda k: -len(group.suffixes[k])):
         n = len(group.suffixes[k])
-        if current and (len(current) + 1) * max(width, n) > budget:
+        padded = (len(current) + 1) * max(width, n)
+        over = (tokens + n > budget or padded > 2 * budget) if packed else padded > budget
+        if current and over:
             chunks.append(current)
-            current, width = [], 0
+            current, width, tokens = [], 0, 0
         current.append(k)
-        width = max(width, n)
+        width, tokens = max(width, n), tokens + n
     if current:
         chunks.append(current)
     return chunks
+
+
+def _score_rows(
+    prefix_hidden: torch.Tensor,
+    suffix_hidden: torch.Tensor | None,
+    positions: list[np.ndarray],
+    starts: np.ndarray,
+    p: int,
+) -> torch.Tensor:
+    """Hidden states at every score position of a chunk's candidates, in order.
+
+    ``positions[j]`` index candidate j's full sequence: below ``p`` they are read from the prefix,
+    the others from ``suffix_hidden`` rows ``starts[j] + position - p``. The indices are built on
+    the host, so nothing here waits for the device.
+    """
+    import torch
+
+    pos = np.concatenate(positions)
+    in_prefix = pos < p
+    out = prefix_hidden.new_empty(len(pos), prefix_hidden.shape[-1])
+    device = prefix_hidden.device
+
+    def index(values: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
+
+    rows = np.nonzero(in_prefix)[0]
+    out[index(rows)] = prefix_hidden[index(pos[rows])]
+    rows = np.nonzero(~in_prefix)[0]
+    if len(rows):
+        owner = np.repeat(starts, [len(x) for x in positions])
+        out[index(rows)] = suffix_hidden[index(owner[rows] + pos[rows] - p)]
+    return out
 
 
 def torch_softmax_first(logits) -> np.ndarray:
