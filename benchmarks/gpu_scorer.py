@@ -58,7 +58,11 @@ def build_checkpoint(config: dict, tokenizer, *, dtype: str, device: str):
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=read_info(config, tokenizer))
 
 
-def make_groups(prm, tokenizer, *, groups: int, candidates: int, response_tokens: int, seed: int = 0):
+def make_groups(
+    prm, tokenizer, *, groups: int, candidates: int, response_tokens: int, spread: float = 0.0, seed: int = 0
+):
+    """Groups of one 13-tile image, a question and candidates of about ``response_tokens`` tokens
+    each; with ``spread`` s, each candidate's length is drawn from [(1 - s), (1 + s)] x that."""
     from PIL import Image, ImageDraw
 
     from visualprm_ray.tiny_checkpoint import _WORDS
@@ -73,7 +77,8 @@ def make_groups(prm, tokenizer, *, groups: int, candidates: int, response_tokens
         responses = []
         for _ in range(candidates):
             steps, tokens = [], 0
-            while tokens < response_tokens:
+            target = response_tokens * (1 + spread * (2 * rng.random() - 1)) if spread else response_tokens
+            while tokens < target:
                 step = f"Step {len(steps) + 1}: " + " ".join(rng.choice(_WORDS) for _ in range(30))
                 tokens += len(tokenizer.encode(step, add_bos=False)) + 12  # + the turn's markers
                 steps.append(step)
@@ -167,6 +172,12 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=400)
+    parser.add_argument(
+        "--response-spread",
+        type=float,
+        default=0.0,
+        help="draw each candidate's length from (1 +- SPREAD) x --response-tokens (0: all about equal)",
+    )
     parser.add_argument("--upstream-groups", type=int, default=4, help="groups the slow loop scores")
     parser.add_argument("--token-budget", type=int, default=32768)
     parser.add_argument(
@@ -225,8 +236,15 @@ def main() -> None:
         upstream_config(llm=llm | depth, vision=vision | depth), tokenizer, dtype="float32", device=device
     )
     prm32 = VisualPRM(ck32, token_budget=args.token_budget)
+    # Lengths spread by half either way, so the packed and padded candidate layouts both meet
+    # candidates of different lengths.
     question, responses, image = make_groups(
-        prm32, tokenizer, groups=1, candidates=args.candidates, response_tokens=min(args.response_tokens, 200)
+        prm32,
+        tokenizer,
+        groups=1,
+        candidates=args.candidates,
+        response_tokens=min(args.response_tokens, 200),
+        spread=0.5,
     )[0]
     tiles = prm32.tile(image)
     naive32 = [naive_step_scores(ck32, question, steps, tiles) for steps in responses]
@@ -260,7 +278,12 @@ def main() -> None:
     report["build_s"] = round(time.perf_counter() - start, 1)
     prm = VisualPRM(ck, token_budget=args.token_budget)
     data = make_groups(
-        prm, tokenizer, groups=args.groups, candidates=args.candidates, response_tokens=args.response_tokens
+        prm,
+        tokenizer,
+        groups=args.groups,
+        candidates=args.candidates,
+        response_tokens=args.response_tokens,
+        spread=args.response_spread,
     )
     start = time.perf_counter()
     prepared = [prm.prepare(q, r, img) for q, r, img in data]
@@ -272,9 +295,13 @@ def main() -> None:
     rollouts = sum(g.num_candidates for g in prepared)
     mean_prefix = float(np.mean([len(g.prefix) for g in prepared]))
     mean_suffix = float(np.mean([len(s) for g in prepared for s in g.suffixes]))
+    # What right-padded candidate rows would carry vs the real suffix tokens (packed rows).
+    padded = sum(g.num_candidates * max(len(s) for s in g.suffixes) for g in prepared)
+    report["suffix_tokens"] = {"real": sum(len(s) for g in prepared for s in g.suffixes), "padded": padded}
     print(
         f"{len(prepared)} groups x {args.candidates} candidates, {len(prepared[0].tiles)} tiles, "
-        f"prefix {mean_prefix:.0f} tokens, suffix {mean_suffix:.0f} tokens; model built in {report['build_s']} s"
+        f"prefix {mean_prefix:.0f} tokens, suffix {mean_suffix:.0f} tokens "
+        f"({report['suffix_tokens']['real']} real vs {padded} right-padded); model built in {report['build_s']} s"
     )
 
     # --- upstream-style loop on the first groups ------------------------------------------------
@@ -313,7 +340,7 @@ def main() -> None:
             seed = 1000 + len(results)
             fresh = make_groups(
                 prm, tokenizer, groups=args.groups, candidates=args.candidates,
-                response_tokens=args.response_tokens, seed=seed,
+                response_tokens=args.response_tokens, spread=args.response_spread, seed=seed,
             )  # fmt: skip
             timed_groups = [prm.prepare(q, r, img) for q, r, img in fresh]
         try:

@@ -1,6 +1,8 @@
 """Prefix sharing on CPU: one group call vs one call per candidate, tiny checkpoint; and work accounting.
 
-Part 1 times `VisualPRM.score` on a whole group against one call per candidate. Part 2 counts the
+Part 1 times `VisualPRM.score` on a whole group against one call per candidate. Then, on a wider
+language model where the work follows the token count, candidates of mixed lengths in right-padded
+chunks (prefix_cache) vs chunks packed without padding (shared_prefix). Part 2 counts the
 exact work per group (language-model tokens and vision tiles computed) by this project's scorer
 vs upstream's one-forward-per-candidate loop, over a grid of tiles x candidates x response length,
 from the prepared token sequences themselves. Prints tables and writes JSON. The tiny checkpoint keeps the real image geometry (448-px tiles,
@@ -38,6 +40,56 @@ def _responses(n: int) -> list[str]:
         f"Step {i}: the side AB is {i + 3} cm, so the area grows by {2 * i + 1} units." for i in range(6)
     ]
     return ["\n\n".join([*steps[: 3 + k % 3], f"Final answer: \\boxed{{{k * 7}}}"]) for k in range(n)]
+
+
+# Padded vs packed: wide enough that the layers' work, not per-call overhead, sets the time.
+WIDE_LLM = {
+    "vocab_size": 925,
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+}
+WIDE_GROUPS = 4
+WIDE_LENGTHS = (100, 800)
+
+
+def padding_by_mode(*, tokenizer, timed) -> list[dict]:
+    """The same text-only groups of mixed-length candidates through both candidate layouts."""
+    import random
+
+    from gpu_scorer import build_checkpoint
+
+    from visualprm_ray.scorer import GroupScorer, VisualPRM
+    from visualprm_ray.tiny_checkpoint import _WORDS, TINY_VISION, upstream_config
+
+    checkpoint = build_checkpoint(
+        upstream_config(llm=WIDE_LLM, vision=TINY_VISION), tokenizer, dtype="float32", device="cpu"
+    )
+    prm = VisualPRM(checkpoint)
+    rng = random.Random(0)
+    groups = []
+    for g in range(WIDE_GROUPS):
+        responses = [
+            _response_of(rng.randint(*WIDE_LENGTHS), rng.randrange(100), tokenizer) for _ in range(8)
+        ]
+        question = f"Question {g}: " + " ".join(rng.choice(_WORDS) for _ in range(100))
+        groups.append(prm.prepare(question, responses, None))
+    real = sum(len(s) for g in groups for s in g.suffixes)
+    padded = sum(g.num_candidates * max(len(s) for s in g.suffixes) for g in groups)
+    out = []
+    for mode in ("prefix_cache", "shared_prefix"):
+        scorer = GroupScorer(checkpoint, mode=mode)
+        scorer.score(groups[:1])  # warm-up
+        out.append(
+            {
+                "mode": mode,
+                "suffix_tokens": real if mode == "shared_prefix" else padded,
+                "seconds": round(timed(lambda s=scorer: s.score(groups)), 3),
+            }
+        )
+    return out
 
 
 WORK_TILES = {
@@ -104,20 +156,21 @@ def main() -> None:
         prm = VisualPRM.from_pretrained(write_tiny_checkpoint(tmp), device="cpu", dtype="float32")
     responses = _responses(args.candidates)
     question = "In the figure, what is the area of triangle ABC?"
+
+    def timed(fn) -> float:
+        """Median wall time of ``args.repeats`` calls."""
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
     rows = []
     for name, (w, h) in SIZES.items():
         image = _image(w, h)
         tiles = len(prm.tile(image)[0])
         prm.score(question, responses[:2], image)  # warm-up
-
-        def timed(fn) -> float:
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            return sorted(times)[len(times) // 2]
-
         group = timed(lambda image=image: prm.score(question, responses, image))
         single = timed(lambda image=image: [prm.score(question, [r], image) for r in responses])
         rows.append(
@@ -130,6 +183,7 @@ def main() -> None:
                 "speedup": round(single / group, 2),
             }
         )
+    modes = padding_by_mode(tokenizer=prm.tokenizer, timed=timed)
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     )
@@ -140,6 +194,15 @@ def main() -> None:
             f"{r['image']:<10} {r['tiles']:>5} {r['candidates']:>5} {r['group_call_s']:>8.3f} "
             f"{r['one_by_one_s']:>9.3f} {r['speedup']:>7.2f}x"
         )
+    print(
+        f"\npadded vs packed candidate chunks: {WIDE_GROUPS} text-only groups x 8 candidates of "
+        f"{WIDE_LENGTHS[0]}-{WIDE_LENGTHS[1]} tokens, a {WIDE_LLM['hidden_size']}-wide "
+        f"{WIDE_LLM['num_hidden_layers']}-layer language model (float32)"
+    )
+    print(f"{'mode':<14} {'suffix tok':>10} {'seconds':>8} {'speedup':>8}")
+    for r in modes:
+        speedup = modes[0]["seconds"] / r["seconds"]
+        print(f"{r['mode']:<14} {r['suffix_tokens']:>10} {r['seconds']:>8.2f} {speedup:>7.2f}x")
     work = work_accounting(prm)
     print("\nwork per group: language-model tokens and vision tiles, ours vs upstream's loop")
     print(
@@ -151,7 +214,9 @@ def main() -> None:
             f"{w['lm_tokens_upstream']:>11} {w['lm_ratio']:>5} {w['tiles_ours']:>5} {w['tiles_upstream']:>8}"
         )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows, "work": work}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine, "rows": rows, "modes": modes, "work": work}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -40,3 +40,28 @@ def test_gpu_scorer_runs_tiny_on_cpu(tmp_path):
         assert "error" not in r, r
         assert r["rollouts_per_s"] > 0
     assert paths["ours (prefix_cache:sdpa)"]["max_diff_vs_upstream"] < 2e-2
+    assert paths["ours (shared_prefix:sdpa)"]["max_diff_vs_upstream"] < 2e-2
+
+
+@pytest.mark.slow
+def test_gpu_session_steps_are_runnable(tmp_path):
+    """The device session's prepared steps: the gpu tests exist, and each benchmark step's arguments
+    run through the whole script at tiny sizes on the CPU (--tiny appended)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_session", BENCHMARKS / "gpu_session.py")
+    session = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(session)
+    plan = dict(session.steps(tmp_path))
+    assert list(plan) == ["pytest", "gpu", "gpu-spread"]
+    collected = subprocess.run(
+        [*plan["pytest"], "--collect-only"], capture_output=True, text=True, cwd=BENCHMARKS.parent
+    )
+    assert collected.returncode == 0, collected.stdout[-2000:]
+    assert "test_cuda_fast_path_matches_naive" in collected.stdout
+    for name in ("gpu", "gpu-spread"):
+        result = subprocess.run([*plan[name], "--tiny"], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        assert report["fp32_parity_max_diff"] < 1e-4
+        assert all("error" not in r for r in report["results"]), report["results"]
