@@ -187,7 +187,7 @@ class ScoringConfig(BaseModel):
     vision_batch: int = Field(16, ge=1, description="Image tiles per forward pass of the vision encoder.")
     prefix_mode: Literal["auto", "packed", "prefix_cache", "shared_prefix"] = Field(
         "auto",
-        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'shared_prefix' does the same with the candidates packed into one row without padding and one uncopied prefix keys/values (attention in two parts merged exactly; not yet measured on a GPU), 'packed' puts all candidates in one row with a tree mask; 'auto' picks shared_prefix on CPU, prefix_cache on CUDA, packed with flex attention.",
+        description="How a group shares its prefix: 'prefix_cache' runs the prefix once and the candidates against its keys/values, 'shared_prefix' does the same with the candidates packed into one row without padding, all attending to a single copy of the prefix keys/values (attention in two parts merged exactly; not yet measured on a GPU), 'packed' puts all candidates in one row with a tree mask; 'auto' picks shared_prefix on CPU, prefix_cache on CUDA, packed with flex attention.",
     )
     context_policy: Literal["error", "truncate"] = Field(
         "error",
