@@ -232,11 +232,18 @@ class GroupScorer:
 
     def encode_tiles(self, tiles: np.ndarray) -> torch.Tensor:
         """Image features for uint8 tiles [T, H, W, 3]: [T * tokens_per_tile, hidden]."""
+        import warnings
+
         import torch
 
         feats = []
         for start in range(0, len(tiles), self.vision_batch):
-            chunk = torch.from_numpy(tiles[start : start + self.vision_batch])
+            with warnings.catch_warnings():
+                # In the job, tiles are read-only views of the Arrow buffer they arrived in; torch
+                # warns on every worker. They are only read here (copied to the device, or turned
+                # into new float pixels by normalize_tiles), never written.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                chunk = torch.from_numpy(tiles[start : start + self.vision_batch])
             if self.device.type == "cuda":
                 # Pinned host memory lets the copy run asynchronously, behind the previous chunk's work.
                 chunk = chunk.pin_memory().to(self.device, non_blocking=True)
