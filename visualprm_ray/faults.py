@@ -13,7 +13,8 @@ runtime environment, so a test can set it before starting a job on an already ru
 - ``kill_times``: how many times per id (default 1; -1 for every time, a poison row);
 - ``state_dir``: a directory where the kills are counted (the actor's memory dies with it);
 - ``oom_over_tokens``: make every language-model forward that attends over more than this many
-  tokens (rows x (new + prefix tokens per row)) raise ``torch.OutOfMemoryError``, as a GPU would.
+  tokens (each row's or packed candidate's new tokens plus the prefix it attends to) raise
+  ``torch.OutOfMemoryError``, as a GPU would.
 """
 
 from __future__ import annotations
