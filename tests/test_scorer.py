@@ -205,6 +205,17 @@ def test_token_budget_split_and_multi_group_batches(ckpt_dir, prm, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_candidate_that_is_the_whole_prefix_shares_a_chunk_with_longer_ones(prm, mode):
+    """Pre-split steps where one candidate's conversation is the others' common prefix: its suffix
+    is empty, so a chunk holds an empty candidate next to real ones (a zero-length packed slot)."""
+    prm = _with_mode(prm, mode)
+    responses = [["a step"], ["a step", "another step"], ["a step", "x"]]
+    group = prm.prepare("Q?", responses)
+    assert len(group.suffixes[0]) == 0 and all(len(s) for s in group.suffixes[1:])
+    _assert_close(prm.score("Q?", responses), _naive(prm, "Q?", responses, None))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_small_images_of_several_groups_share_vision_forwards(prm, mode, monkeypatch):
     groups = [
         prm.prepare(QUESTION, RESPONSES[:2], _diagram(300, 300, 10)),  # 1 tile

@@ -254,6 +254,14 @@ class GroupScorer:
             feats.append(out.reshape(-1, out.shape[-1]))
         return torch.cat(feats)
 
+    def encode_groups(self, tiles: list[np.ndarray]) -> list[torch.Tensor]:
+        """Features of several groups' tiles through shared vision forwards, split back per group
+        (each entry non-empty)."""
+        import torch
+
+        encoded = self.encode_tiles(tiles[0] if len(tiles) == 1 else np.concatenate(tiles))
+        return list(torch.split(encoded, [len(t) * self._tokens_per_tile for t in tiles]))
+
     # -- language model -------------------------------------------------------------------------
 
     def _forward_batch(
@@ -357,11 +365,11 @@ class GroupScorer:
             suffix_hidden, starts = None, np.zeros(len(chunk), dtype=np.int64)
             if max(lengths):
                 if packed:
-                    suffix_hidden = self._shared_prefix_forward(group, chunk, p, prefix_kv)
+                    suffix_hidden = self._shared_prefix_forward(group, chunk, lengths, p, prefix_kv)
                     starts = np.cumsum([0, *lengths[:-1]])
                 else:
                     suffix_hidden = self._cached_prefix_forward(
-                        group, chunk, p, prefix_kv, prefix_hidden.dtype
+                        group, chunk, lengths, p, prefix_kv, prefix_hidden.dtype
                     )
                     starts = np.arange(len(chunk)) * max(lengths)
             positions = [group.positions[k] for k in chunk]
@@ -372,13 +380,12 @@ class GroupScorer:
                 results[k] = part
         return results
 
-    def _cached_prefix_forward(self, group, chunk, p, prefix_kv, dtype) -> torch.Tensor:
+    def _cached_prefix_forward(self, group, chunk, lengths, p, prefix_kv, dtype) -> torch.Tensor:
         """Suffix hidden states of a chunk, right-padded rows with the prefix K/V copied into the
         chunk's cache: ``[candidates * longest, hidden]``, candidate j's tokens from ``j * longest``."""
         import torch
         from transformers import DynamicCache
 
-        lengths = [len(group.suffixes[k]) for k in chunk]
         n, width = len(chunk), max(lengths)
         sfx = torch.zeros(n, width, dtype=torch.long)
         for j, k in enumerate(chunk):
@@ -406,7 +413,7 @@ class GroupScorer:
         ).last_hidden_state
         return hidden.reshape(n * width, hidden.shape[-1])
 
-    def _shared_prefix_forward(self, group, chunk, p, prefix_kv) -> torch.Tensor:
+    def _shared_prefix_forward(self, group, chunk, lengths, p, prefix_kv) -> torch.Tensor:
         """Suffix hidden states of a chunk packed end to end in one row, attending to the one prefix
         K/V (visualprm_ray.attention): ``[tokens, hidden]``, no padding.
 
@@ -419,7 +426,6 @@ class GroupScorer:
 
         from visualprm_ray import attention
 
-        lengths = [len(group.suffixes[k]) for k in chunk]
         ids = torch.from_numpy(np.concatenate([group.suffixes[k] for k in chunk])).to(self.device)
         # Each candidate's positions continue from the prefix, as in its own full sequence.
         positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for n in lengths])).to(self.device)
@@ -461,8 +467,6 @@ class GroupScorer:
         running its own small one; at most a window's features are held beyond the group being
         scored, so a large batch of groups never holds all of its image features at once.
         """
-        import torch
-
         start = 0
         while start < len(groups):
             end, tiles = start + 1, len(groups[start].tiles)
@@ -470,11 +474,7 @@ class GroupScorer:
                 tiles += len(groups[end].tiles)
                 end += 1
             window = [groups[g].tiles for g in range(start, end) if len(groups[g].tiles)]
-            encoded = iter(())
-            if window:
-                pixels = window[0] if len(window) == 1 else np.concatenate(window)
-                sizes = [len(t) * self._tokens_per_tile for t in window]
-                encoded = iter(torch.split(self.encode_tiles(pixels), sizes))
+            encoded = iter(self.encode_groups(window) if window else ())
             for g in range(start, end):
                 yield next(encoded) if len(groups[g].tiles) else None
             start = end
@@ -498,9 +498,8 @@ class GroupScorer:
                 ]
                 needed = list(dict.fromkeys(needed))
                 if needed:
-                    encoded = self.encode_tiles(np.concatenate([groups[g].tiles for g in needed]))
-                    sizes = [len(groups[g].tiles) * self._tokens_per_tile for g in needed]
-                    features.update(zip(needed, torch.split(encoded, sizes), strict=True))
+                    encoded = self.encode_groups([groups[g].tiles for g in needed])
+                    features.update(zip(needed, encoded, strict=True))
                 for unit, scores in self._forward_batch(batch, groups, features):
                     for k, s in zip(unit.candidates, scores, strict=True):
                         results[unit.group][k] = s
