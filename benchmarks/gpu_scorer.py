@@ -43,14 +43,14 @@ REAL_VISION = {
 def build_checkpoint(config: dict, tokenizer, *, dtype: str, device: str):
     import torch
 
-    from visualprm_ray.checkpoint import (
+    from visualprm_ray.model.checkpoint import (
         LoadedCheckpoint,
         build_model,
         native_config_from_upstream,
         read_info,
         resolve_dtype,
     )
-    from visualprm_ray.prompt import IMG_CONTEXT
+    from visualprm_ray.model.prompt import IMG_CONTEXT
 
     native = native_config_from_upstream(config, image_token_id=tokenizer.token_to_id(IMG_CONTEXT))
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def make_groups(
     each; with ``spread`` s, each candidate's length is drawn from [(1 - s), (1 + s)] x that."""
     from PIL import Image, ImageDraw
 
-    from visualprm_ray.tiny_checkpoint import _WORDS
+    from visualprm_ray.model.tiny_checkpoint import _WORDS
 
     rng = random.Random(seed)
     out = []
@@ -203,11 +203,12 @@ def main() -> None:
     import torch
     import transformers
 
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
-    from visualprm_ray.reference import naive_step_scores
-    from visualprm_ray.scorer import GroupScorer, VisualPRM
-    from visualprm_ray.tiny_checkpoint import TINY_LLM, TINY_VISION, upstream_config
-    from visualprm_ray.tokenizer import load_tokenizer
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.prm import VisualPRM
+    from visualprm_ray.model.reference import naive_step_scores
+    from visualprm_ray.model.scoring import make_scorer
+    from visualprm_ray.model.tiny_checkpoint import TINY_LLM, TINY_VISION, upstream_config
+    from visualprm_ray.model.tokenizer import load_tokenizer
 
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:
@@ -252,7 +253,7 @@ def main() -> None:
     parity: dict[str, float | str] = {}
     for mode in ("packed", "prefix_cache", "shared_prefix"):
         try:
-            scored32 = GroupScorer(ck32, mode=mode).score([group32])[0]
+            scored32 = make_scorer(ck32, mode=mode).score([group32])[0]
         except Exception as exc:  # reported, not fatal: the timings below still run
             parity[mode] = f"{type(exc).__name__}: {exc}"[:300]
             continue
@@ -345,7 +346,7 @@ def main() -> None:
             timed_groups = [prm.prepare(q, r, img) for q, r, img in fresh]
         try:
             set_attention(ck.model, impl)
-            scorer = GroupScorer(
+            scorer = make_scorer(
                 ck, token_budget=args.token_budget, mode=mode, sdpa_kernels=kernels or "default"
             )
             scorer.score(prepared[:2])  # warm-up (flex compiles here)
@@ -379,7 +380,7 @@ def main() -> None:
         )
     set_attention(ck.model, "sdpa")
     for budget in [int(b) for b in args.budgets.split(",") if b.strip()]:
-        scorer = GroupScorer(ck, token_budget=budget)  # the default mode
+        scorer = make_scorer(ck, token_budget=budget)  # the default mode
         scorer.score(prepared[:2])
         sync(device)
         start = time.perf_counter()
@@ -401,7 +402,7 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        scorer = GroupScorer(ck, token_budget=args.token_budget)
+        scorer = make_scorer(ck, token_budget=args.token_budget)
         with profile(activities=activities) as prof:
             scorer.score(prepared[:4])
             sync(device)

@@ -2,7 +2,7 @@
 
 A GPU is lent for minutes at a time, so the checks that need one are prepared here and run in one
 go, each step's output kept in --out even when a later step fails:
-  1. `pytest -m gpu tests/test_scorer.py`: every prefix layout against the naive forward on the
+  1. `pytest -m gpu tests/model/test_prm.py`: every prefix layout against the naive forward on the
      device, in float32 and bf16, with small and default token budgets (the CUDA kernels);
   2. `gpu_scorer.py --fresh-shapes` on the issue's shape (16 groups x 8 candidates, 13 tiles,
      ~400-token responses): upstream loop and every layout;
@@ -28,7 +28,7 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
     bench = str(ROOT / "benchmarks" / "gpu_scorer.py")
     common = ["--fresh-shapes", "--upstream-groups", "2", "--fp32-layers", "1"]
     return [
-        ("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_scorer.py"]),
+        ("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/model/test_prm.py"]),
         ("gpu", [py, bench, *common, "--json", str(out / "gpu.json")]),
         (
             "gpu-spread",

@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
     from visualprm_ray.sample_data import make_groups, write_shards
 
     runs = []
@@ -84,9 +84,9 @@ def _pair(root: Path, model: Path, args: argparse.Namespace, repeat: int) -> dic
     import pyarrow.parquet as pq
     import ray
 
-    from visualprm_ray.config import JobConfig
-    from visualprm_ray.pipeline import run_job
-    from visualprm_ray.scorer import VisualPRM
+    from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.job.driver import run_job
+    from visualprm_ray.model.prm import VisualPRM
 
     rows = args.groups * args.candidates
     start = time.perf_counter()

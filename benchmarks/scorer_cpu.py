@@ -61,8 +61,9 @@ def padding_by_mode(*, tokenizer, timed) -> list[dict]:
 
     from gpu_scorer import build_checkpoint
 
-    from visualprm_ray.scorer import GroupScorer, VisualPRM
-    from visualprm_ray.tiny_checkpoint import _WORDS, TINY_VISION, upstream_config
+    from visualprm_ray.model.prm import VisualPRM
+    from visualprm_ray.model.scoring import make_scorer
+    from visualprm_ray.model.tiny_checkpoint import _WORDS, TINY_VISION, upstream_config
 
     checkpoint = build_checkpoint(
         upstream_config(llm=WIDE_LLM, vision=TINY_VISION), tokenizer, dtype="float32", device="cpu"
@@ -80,7 +81,7 @@ def padding_by_mode(*, tokenizer, timed) -> list[dict]:
     padded = sum(g.num_candidates * max(len(s) for s in g.suffixes) for g in groups)
     out = []
     for mode in ("prefix_cache", "shared_prefix"):
-        scorer = GroupScorer(checkpoint, mode=mode)
+        scorer = make_scorer(checkpoint, mode=mode)
         scorer.score(groups[:1])  # warm-up
         out.append(
             {
@@ -149,8 +150,8 @@ def main() -> None:
 
     import torch
 
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
-    from visualprm_ray.scorer import VisualPRM
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.prm import VisualPRM
 
     with tempfile.TemporaryDirectory() as tmp:
         prm = VisualPRM.from_pretrained(write_tiny_checkpoint(tmp), device="cpu", dtype="float32")

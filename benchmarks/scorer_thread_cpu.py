@@ -37,11 +37,12 @@ def main() -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from visualprm_ray.config import JobConfig
+    from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.job.inputs import plan_read
+    from visualprm_ray.job.stages.prepare import PrepareStage
+    from visualprm_ray.job.stages.read import _Rename
+    from visualprm_ray.job.stages.score import ScoreStage
     from visualprm_ray.sample_data import make_groups, write_shards
-    from visualprm_ray.stages.prepare import PrepareStage
-    from visualprm_ray.stages.read import _Rename, plan_read
-    from visualprm_ray.stages.score import ScoreStage
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -53,7 +54,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; from visualprm_ray.checkpoint import write_tiny_checkpoint; "
+                "import sys; from visualprm_ray.model.checkpoint import write_tiny_checkpoint; "
                 "write_tiny_checkpoint(sys.argv[1])",
                 str(model),
             ],

@@ -3,7 +3,7 @@
 What is compared, per image and single-threaded (images/second per core), both starting from the encoded
 bytes so decoding is included:
 
-* ours: ``visualprm_ray.images.open_image_bytes`` then ``visualprm_ray.tiling.tile_image``, which resizes
+* ours: ``visualprm_ray.model.images.open_image_bytes`` then ``visualprm_ray.model.tiling.tile_image``, which resizes
   once and scatters the tiles into one ``(n, 448, 448, 3)`` uint8 array.  That is all the CPU workers do:
   normalisation (``/255``, ImageNet mean/std) is deferred to the GPU, where it is a cheap elementwise op,
   and shipping uint8 instead of float32 makes the arrays 4x smaller to move between workers.  Not doing
@@ -21,7 +21,7 @@ bytes so decoding is included:
   contiguous CHW, Normalize's clone), converting the permuted uint8 view to float and normalising out
   of place.  It is not faster than upstream's own sequence: on a 2-core AMD EPYC it was slower.
 
-Both paths use ``visualprm_ray.tiling.choose_grid`` for the grid, so they do the same tiles and only the
+Both paths use ``visualprm_ray.model.tiling.choose_grid`` for the grid, so they do the same tiles and only the
 pixel path differs.  Before timing, each image is run through both paths once and the uint8 tiles,
 normalised the same way, must equal the upstream-style tensor within 1e-6, so the benchmark cannot
 compare different work.  Images are synthetic diagram-like drawings with some noise (so encoded sizes are
@@ -133,8 +133,8 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from visualprm_ray.images import open_image_bytes
-    from visualprm_ray.tiling import choose_grid, tile_image
+    from visualprm_ray.model.images import open_image_bytes
+    from visualprm_ray.model.tiling import choose_grid, tile_image
 
     # The tiles' arrays are read-only views of PIL's buffer; they are only read, so the warning is noise.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from visualprm_ray.checkpoint import load_checkpoint
+from visualprm_ray.model.checkpoint import load_checkpoint
 
 
 def test_help_is_instant_and_imports_nothing_heavy():
@@ -41,7 +41,7 @@ def test_tiny_checkpoint_command(tmp_path):
 
 def _score_with_run_job(monkeypatch, argv, outcome=None):
     """Run ``score`` with the job replaced by a recorder (or a failure); returns (status, config)."""
-    import visualprm_ray.pipeline as pipeline
+    import visualprm_ray.job.driver as driver
     from visualprm_ray.cli import main
 
     seen = {}
@@ -52,7 +52,7 @@ def _score_with_run_job(monkeypatch, argv, outcome=None):
             raise outcome
         return {}
 
-    monkeypatch.setattr(pipeline, "run_job", fake_run_job)
+    monkeypatch.setattr(driver, "run_job", fake_run_job)
     status = main(["score", "--input", "/in", "--output", "/out", "--model", "/m", *argv])
     return status, seen.get("config")
 
@@ -65,8 +65,8 @@ def test_fresh_means_overwrite_and_resume_is_the_default(monkeypatch):
 
 
 def test_exit_status_says_what_failed(monkeypatch, capsys):
-    from visualprm_ray.pipeline import JobCheckError
-    from visualprm_ray.resume import ResumeConflict
+    from visualprm_ray.job.driver import JobCheckError
+    from visualprm_ray.job.resume import ResumeConflict
 
     status, _ = _score_with_run_job(
         monkeypatch, [], JobCheckError("2 candidate row(s) written more than once")

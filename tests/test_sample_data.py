@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from visualprm_ray.prompt import split_steps
+from visualprm_ray.model.prompt import split_steps
 from visualprm_ray.sample_data import (
     IMAGE_MODES,
     KINDS,

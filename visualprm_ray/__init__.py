@@ -1,7 +1,11 @@
 """visualprm-ray: score multimodal reasoning rollouts with the VisualPRM-8B process reward model.
 
+Two products in one package: the PRM itself (:mod:`visualprm_ray.model`, a Python API with no Ray
+in it) and the batch job around it (:mod:`visualprm_ray.job`, Ray Data stages over Parquet).
+``storage``, ``schema`` and ``errors`` are the low-level pieces both use.
+
 The public surface is small and imported lazily, so ``import visualprm_ray`` (and the CLI's
-``--help``) does not pay for torch or transformers:
+``--help``) does not pay for torch, transformers or Ray:
 
     from visualprm_ray import VisualPRM
     prm = VisualPRM.from_pretrained("/models/VisualPRM-8B", device="cuda")
@@ -16,15 +20,17 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "VisualPRM": "visualprm_ray.scorer",
-    "ScoredResponse": "visualprm_ray.scorer",
-    "tile_image": "visualprm_ray.tiling",
-    "split_steps": "visualprm_ray.prompt",
-    "build_conversation": "visualprm_ray.prompt",
-    "write_tiny_checkpoint": "visualprm_ray.checkpoint",
+    "VisualPRM": "visualprm_ray.model.prm",
+    "ScoredResponse": "visualprm_ray.model.prm",
+    "tile_image": "visualprm_ray.model.tiling",
+    "split_steps": "visualprm_ray.model.prompt",
+    "build_conversation": "visualprm_ray.model.prompt",
+    "write_tiny_checkpoint": "visualprm_ray.model.checkpoint",
+    "JobConfig": "visualprm_ray.job.config",
 }
 
 __all__ = [
+    "JobConfig",
     "ScoredResponse",
     "VisualPRM",
     "build_conversation",
@@ -34,10 +40,11 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
-    from visualprm_ray.prompt import build_conversation, split_steps
-    from visualprm_ray.scorer import ScoredResponse, VisualPRM
-    from visualprm_ray.tiling import tile_image
+    from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.prm import ScoredResponse, VisualPRM
+    from visualprm_ray.model.prompt import build_conversation, split_steps
+    from visualprm_ray.model.tiling import tile_image
 
 
 def __getattr__(name: str) -> Any:

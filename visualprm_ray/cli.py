@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 
 def _score(args: argparse.Namespace) -> int:
-    from visualprm_ray.config import ConfigError, JobConfig
-    from visualprm_ray.pipeline import JobCheckError, run_job
-    from visualprm_ray.resume import ResumeConflict
+    from visualprm_ray.job.config import ConfigError, JobConfig
+    from visualprm_ray.job.driver import JobCheckError, run_job
+    from visualprm_ray.job.resume import ResumeConflict
 
     overrides = [*args.set, *(["output.mode=overwrite"] if args.fresh else [])]
     try:
@@ -59,7 +59,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(args.dir, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote a tiny random VisualPRM checkpoint (upstream layout) to {path}")

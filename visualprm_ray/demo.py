@@ -16,7 +16,7 @@ DEMO_SHARDS = 3
 
 
 def demo_config(workdir: Path):
-    from visualprm_ray.config import JobConfig
+    from visualprm_ray.job.config import JobConfig
 
     return JobConfig.from_dict(
         {
@@ -29,7 +29,7 @@ def demo_config(workdir: Path):
 
 
 def write_demo_inputs(workdir: Path) -> None:
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
     from visualprm_ray.sample_data import make_groups, write_shards
 
     groups = make_groups(DEMO_GROUPS, candidates=DEMO_CANDIDATES, seed=0)
@@ -85,7 +85,7 @@ def demo_report(workdir: Path, output_uri: str) -> str:
 
 
 def run_demo(workdir: str | Path, *, emit=print) -> dict[str, Any]:
-    from visualprm_ray.pipeline import run_job
+    from visualprm_ray.job.driver import run_job
 
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -362,7 +362,7 @@ def in_image(path: str) -> Path:
 @pytest.mark.parametrize("name", RAYJOB_FILES)
 def test_entrypoint_is_a_valid_job_invocation(name):
     from visualprm_ray.cli import build_parser
-    from visualprm_ray.config import JobConfig
+    from visualprm_ray.job.config import JobConfig
 
     script, args = entrypoint_invocation(rayjob_specs()[name]["entrypoint"])
     assert script == ROOT / "jobs" / "score_rollouts.py"

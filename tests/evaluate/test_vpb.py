@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from visualprm_ray.cli import main
 from visualprm_ray.evaluate.metrics import threshold_grid
 from visualprm_ray.evaluate.vpb import STEP_SCHEMA, Sample, score_samples
-from visualprm_ray.scorer import ScoredResponse
+from visualprm_ray.model.prm import ScoredResponse
 
 
 def _sample(
@@ -55,7 +55,7 @@ ERRORED = {4: "image not found", 5: "3 steps but 2", 6: "not valid JSON"}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from visualprm_ray.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("vpb-model"), seed=0)
 
@@ -107,7 +107,7 @@ def test_steps_are_scored_as_given_one_score_each(run, capsys):
 
 
 def test_scores_are_the_scorer_s_own(run, model, bench):
-    from visualprm_ray.scorer import VisualPRM
+    from visualprm_ray.model.prm import VisualPRM
 
     prm = VisualPRM.from_pretrained(model, device="cpu", dtype="float32")
     sample = SAMPLES[7]

@@ -16,11 +16,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from visualprm_ray.config import JobConfig
-from visualprm_ray.faults import ENV
-from visualprm_ray.pipeline import run_job
+from visualprm_ray.job.config import JobConfig
+from visualprm_ray.job.driver import run_job
+from visualprm_ray.job.faults import ENV
+from visualprm_ray.model.prm import VisualPRM
 from visualprm_ray.sample_data import make_groups, write_shards
-from visualprm_ray.scorer import VisualPRM
 
 pytestmark = pytest.mark.slow
 

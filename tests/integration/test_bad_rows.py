@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from visualprm_ray.config import JobConfig
 from visualprm_ray.errors import ERROR_KINDS
-from visualprm_ray.pipeline import MANIFEST, run_job
-from visualprm_ray.scorer import VisualPRM
+from visualprm_ray.job.config import JobConfig
+from visualprm_ray.job.driver import MANIFEST, run_job
+from visualprm_ray.model.prm import VisualPRM
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from visualprm_ray.cli import main
-from visualprm_ray.pipeline import MANIFEST, SUCCESS
+from visualprm_ray.job.driver import MANIFEST, SUCCESS
 from visualprm_ray.sample_data import make_groups, write_shards
 from visualprm_ray.schema import output_schema
 

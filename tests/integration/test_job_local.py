@@ -11,11 +11,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from visualprm_ray.config import JobConfig
-from visualprm_ray.pipeline import MANIFEST, SUCCESS, run_job
+from visualprm_ray.job.config import JobConfig
+from visualprm_ray.job.driver import MANIFEST, SUCCESS, run_job
+from visualprm_ray.model.prm import VisualPRM
 from visualprm_ray.sample_data import make_groups, write_shards
 from visualprm_ray.schema import OUTPUT_SCHEMA
-from visualprm_ray.scorer import VisualPRM
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_three_shards_96_rows_read_by_duckdb_pandas_polars(grouped_run):
 
 
 def test_the_job_runs_the_layout_planned_for_this_machine(grouped_run, tiny_model):
-    from visualprm_ray.layout import cluster_view, model_parameters, plan_layout, usable_cores
+    from visualprm_ray.job.layout import cluster_view, model_parameters, plan_layout, usable_cores
 
     root, _, manifest = grouped_run
     view = cluster_view()

@@ -21,8 +21,8 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
+from visualprm_ray.model.prm import VisualPRM
 from visualprm_ray.sample_data import make_groups, write_shards
-from visualprm_ray.scorer import VisualPRM
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from visualprm_ray.progress import ProgressPrinter, ProgressReporter
+from visualprm_ray.job.progress import ProgressPrinter, ProgressReporter
 
 
 def test_counts_line_and_queue(ray_local):

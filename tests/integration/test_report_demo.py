@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from visualprm_ray.demo import demo_report
-from visualprm_ray.prompt import split_steps
+from visualprm_ray.model.prompt import split_steps
 
 pytestmark = pytest.mark.slow
 

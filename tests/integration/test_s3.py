@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from visualprm_ray.config import JobConfig
-from visualprm_ray.pipeline import MANIFEST, SUCCESS, run_job
+from visualprm_ray.job.config import JobConfig
+from visualprm_ray.job.driver import MANIFEST, SUCCESS, run_job
 from visualprm_ray.sample_data import make_groups, write_shards
 from visualprm_ray.storage import pyarrow_filesystem
 

@@ -41,8 +41,8 @@ import pytest
 import s3fs
 from s3_faults import FaultProxy
 
-from visualprm_ray.config import JobConfig
-from visualprm_ray.pipeline import SUCCESS, run_job
+from visualprm_ray.job.config import JobConfig
+from visualprm_ray.job.driver import SUCCESS, run_job
 from visualprm_ray.sample_data import make_groups, write_shards
 from visualprm_ray.storage import pyarrow_filesystem
 

@@ -47,7 +47,7 @@ from visualprm_ray.evaluate.metrics import (
 )
 
 if TYPE_CHECKING:
-    from visualprm_ray.scorer import VisualPRM
+    from visualprm_ray.model.prm import VisualPRM
 
 STEP_SCORES_FILE = "step_scores.parquet"
 METRICS_FILE = "metrics.json"
@@ -181,8 +181,8 @@ def score_samples(
     emit: Callable[[str], None] = print,
 ) -> pa.Table:
     """Score every sample's given steps; the per-step table (:data:`STEP_SCHEMA`), errors included."""
-    from visualprm_ray.group import RowError
-    from visualprm_ray.images import ImageError, load_image
+    from visualprm_ray.errors import ImageError, RowError
+    from visualprm_ray.model.images import load_image
 
     rows = _Rows()
     errored = 0
@@ -501,7 +501,7 @@ def _score_benchmark(
     limit: int | None,
     emit: Callable[[str], None],
 ) -> tuple[pa.Table, dict[str, Any]]:
-    from visualprm_ray.scorer import VisualPRM
+    from visualprm_ray.model.prm import VisualPRM
     from visualprm_ray.storage import redact
 
     if device is None:

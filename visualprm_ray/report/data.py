@@ -130,7 +130,7 @@ def load_run(uri: str, options: StorageOptions | None = None) -> Run:
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from visualprm_ray.pipeline import MANIFEST, SUCCESS
+    from visualprm_ray.job.driver import MANIFEST, SUCCESS
     from visualprm_ray.schema import OUTPUT_SCHEMA
     from visualprm_ray.storage import fsspec_filesystem, list_files, pyarrow_filesystem, redact
 
@@ -278,7 +278,7 @@ def _display_value(value: Any) -> str | None:
 
 
 def _steps_of(response: str | None, step_scores: list[float] | None, max_steps: int | None, truncated: bool):
-    from visualprm_ray.prompt import split_steps
+    from visualprm_ray.model.prompt import split_steps
 
     scores = list(step_scores or [])
     if response is None:

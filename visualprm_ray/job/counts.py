@@ -1,0 +1,154 @@
+"""Candidates in and out, and the check that every input candidate came out exactly once.
+
+What went in is counted from the input files alone, and what came out from the output files alone,
+never from what the pipeline says it did: the check is independent of the code it checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from visualprm_ray.job.inputs import InputFile, ReadPlan
+from visualprm_ray.job.resume import Committed, output_files
+
+if TYPE_CHECKING:
+    from visualprm_ray.job.config import JobConfig
+
+
+@dataclass
+class Counts:
+    """What went in and what came out; ``in == scored + errored + skipped`` or the job fails.
+
+    ``scored``, ``errored`` and the breakdowns count candidate rows written by this attempt;
+    ``skipped`` counts candidates committed by earlier attempts (resume). Groups without any
+    candidate leave one error row each (``empty_groups``), outside the candidate equation.
+    """
+
+    groups_in: int = 0
+    candidates_in: int = 0
+    empty_groups: int = 0
+    skipped: int = 0
+    scored: int = 0
+    errored: int = 0
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    rows_out: int = 0  # rows written by this attempt (candidate rows + empty-group rows)
+    rows_total: int = 0  # rows in the output, earlier attempts included
+    duplicates: int = 0  # (id, candidate_index) keys found more than once in the output
+    missing: int = 0  # candidates of the input with no output row
+    empty_group_rows: int = 0  # output rows of groups without candidates, all attempts
+
+    def problems(self) -> list[str]:
+        """Why the output cannot be trusted; empty when it can."""
+        out = []
+        if self.candidates_in != self.scored + self.errored + self.skipped:
+            out.append(
+                f"candidates in ({self.candidates_in}) != scored ({self.scored}) + errored "
+                f"({self.errored}) + skipped ({self.skipped})"
+            )
+        if self.duplicates:
+            out.append(f"{self.duplicates} candidate row(s) written more than once")
+        if self.missing:
+            out.append(f"{self.missing} candidate(s) of the input have no output row")
+        if self.empty_group_rows != self.empty_groups:
+            out.append(
+                f"{self.empty_groups} group(s) without candidates in the input, "
+                f"{self.empty_group_rows} such row(s) in the output"
+            )
+        return out
+
+
+class JobCheckError(RuntimeError):
+    """The output failed the count check: rows lost or doubled. Never silently accepted."""
+
+
+def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[InputFile]]:
+    """Candidates in, from the input files alone (independent of what the pipeline did).
+
+    Also refuses an input whose group ids repeat: resume and the exactly-once check key on the
+    id, so two groups with one id could not be told apart. The same pass returns each file's row
+    groups, which the read stage cuts its tasks from.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from visualprm_ray.storage import pyarrow_filesystem, redact
+
+    counts = Counts()
+    inp = config.input
+    column = inp.responses_column if plan.layout == "grouped" else inp.id_column
+    check_ids = plan.layout == "grouped" and plan.has_id
+    seen: dict[str, str] = {}
+    files = []
+    for uri in plan.files:
+        fs, path = pyarrow_filesystem(uri, config.storage)
+        columns = [column, inp.id_column] if check_ids else [column]
+        with pq.ParquetFile(path, filesystem=fs) as parquet:
+            files.append(InputFile.from_metadata(path, parquet.metadata))
+            table = parquet.read(columns=columns)
+        values = table[column]
+        if plan.layout == "grouped":
+            lengths = pc.fill_null(pc.list_value_length(values), 0)
+            counts.groups_in += len(values)
+            counts.candidates_in += int(pc.sum(lengths).as_py() or 0)
+            counts.empty_groups += int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
+        else:
+            counts.candidates_in += len(values)
+        if check_ids:
+            for value in table[inp.id_column].cast("string").to_pylist():
+                if value is None:
+                    raise ValueError(
+                        f"{redact(uri)}: a row has a null {inp.id_column!r}; every group needs an id"
+                    )
+                if value in seen:
+                    raise ValueError(
+                        f"group id {value!r} appears more than once ({redact(seen[value])}, {redact(uri)}); "
+                        f"resume and the exactly-once check key on {inp.id_column!r}, so ids must be unique"
+                    )
+                seen[value] = uri
+    return counts, files
+
+
+def count_output(config: JobConfig, counts: Counts, committed: Committed) -> Counts:
+    """Fill in what came out, from the output files alone, and check it against what went in."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from visualprm_ray.storage import pyarrow_filesystem
+
+    earlier = set(committed.files)
+    keys: list[pa.Table] = []
+    ids: set[str] = set()
+    for uri in output_files(config):
+        fs, path = pyarrow_filesystem(uri, config.storage)
+        table = pq.read_table(
+            path, filesystem=fs, columns=["id", "candidate_index", "error", "error_kind", "error_stage"]
+        )
+        counts.rows_total += len(table)
+        ids.update(table["id"].to_pylist())
+        candidates = table.filter(pc.is_valid(table["candidate_index"]))
+        counts.empty_group_rows += len(table) - len(candidates)
+        keys.append(candidates.select(["id", "candidate_index"]))
+        if uri in earlier:
+            counts.skipped += len(candidates)
+            continue
+        counts.rows_out += len(table)
+        errored = candidates.filter(pc.is_valid(candidates["error"]))
+        counts.errored += len(errored)
+        counts.scored += len(candidates) - len(errored)
+        for stage, kind in zip(
+            errored["error_stage"].to_pylist(), errored["error_kind"].to_pylist(), strict=True
+        ):
+            counts.errors_by_stage[stage] = counts.errors_by_stage.get(stage, 0) + 1
+            counts.errors_by_kind[kind] = counts.errors_by_kind.get(kind, 0) + 1
+    if keys:
+        all_keys = pa.concat_tables(keys)
+        distinct = all_keys.group_by(["id", "candidate_index"]).aggregate([]).num_rows
+        counts.duplicates = len(all_keys) - distinct
+        counts.missing = max(0, counts.candidates_in - distinct)
+    else:
+        counts.missing = counts.candidates_in
+    counts.groups_in = counts.groups_in or len(ids)
+    return counts

@@ -1,0 +1,162 @@
+"""Resume: what an interrupted run already committed, so that a rerun does only the rest.
+
+**The unit of commit is one output Parquet file.** Every file holds whole groups: the explode into
+candidate rows runs inside the write task and Ray writes all of a task's blocks into one file (no
+``max_rows_per_file``), so a group's rows are never split across files. A Parquet file is
+readable only once its footer, written last, is complete: a readable file is a committed one, and
+a torn file (the writer was killed) fails to open. So on resume:
+
+1. torn files are deleted (their groups are scored again);
+2. a file that repeats a group already found in an earlier file is deleted too: that can only be
+   the work of a straggler from the killed run (Ray workers outlive a SIGKILLed driver for a few
+   seconds) that committed after the rerun had started; its other groups are scored again;
+3. the ids of the groups in the remaining files are skipped by the read stage.
+
+This keys on the group ``id``: the input's id column, or for inputs without one an id derived from
+the file name and the row's content (see ``stages.read``). If the input changes between runs,
+groups with new ids are scored and groups already committed stay as they are; the final count
+check then compares the output with the *current* input and fails the job if they disagree
+(e.g. rows removed from the input). The model and the scoring settings may not change: the
+first attempt records them in ``_job.json`` and a resume under different ones is refused
+(``output.mode: overwrite`` / ``--fresh`` starts over).
+
+Ray Data's own ``CheckpointConfig`` (beta) gives the same guarantee when a group's rows stay in
+one write task, but deletes its checkpoint on success (a rerun of a finished job then writes
+everything twice) and its filter actor needs a CPU that a busy actor pool may never free
+(SPEC §5); the output files are the checkpoint here, so neither can happen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from visualprm_ray.job.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+JOB_RECORD = "_job.json"
+
+
+@dataclass
+class Committed:
+    """The groups earlier attempts committed to the output."""
+
+    files: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    candidates: int = 0  # candidate rows (non-null candidate_index)
+    empty_groups: int = 0  # rows of groups that had no candidates
+    removed: list[str] = field(default_factory=list)  # torn or duplicate files deleted
+
+    def id_array(self) -> pa.Array:
+        import pyarrow as pa
+
+        return pa.array(self.ids, pa.string())
+
+
+def output_files(config: JobConfig) -> list[str]:
+    """The job's own data files: the Parquet files directly in the output directory.
+
+    Nested files are never the job's (it writes none): they are neither counted nor touched.
+    """
+    from visualprm_ray.storage import list_files
+
+    return list_files(config.output.uri, config.storage, recursive=False)
+
+
+def _read_keys(uri: str, config: JobConfig) -> pa.Table | None:
+    """The file's (id, candidate_index) columns; None when the file is torn (not valid Parquet)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from visualprm_ray.storage import pyarrow_filesystem, redact, with_retries
+
+    fs, path = pyarrow_filesystem(uri, config.storage)
+    try:
+        return with_retries(
+            lambda: pq.read_table(path, filesystem=fs, columns=["id", "candidate_index"]),
+            what=f"read {redact(uri)}",
+            retries=config.storage.retries,
+        )
+    except pa.ArrowInvalid:
+        # Only a malformed file lands here (no footer, zero bytes); a network error is an OSError
+        # and propagates after the retries, so a good file is never deleted for a bad connection.
+        return None
+
+
+def scan_committed(config: JobConfig, *, delete: bool = True) -> Committed:
+    """Find the committed groups in the output; delete torn and duplicate files when ``delete``."""
+    from visualprm_ray.storage import fsspec_filesystem, redact
+
+    fs, path = fsspec_filesystem(config.output.uri, config.storage)
+    if not fs.exists(path):
+        return Committed()
+    committed = Committed()
+    seen: set[str] = set()
+    for uri in output_files(config):
+        keys = _read_keys(uri, config)
+        reason = None
+        if keys is None:
+            reason = "torn (not a complete Parquet file)"
+        else:
+            ids = keys["id"].to_pylist()
+            if seen.intersection(ids):
+                reason = "it repeats groups committed in another file"
+        if reason is not None:
+            committed.removed.append(uri)
+            logger.warning("resume: removing %s: %s", redact(uri), reason)
+            if delete:
+                fs.rm(fsspec_filesystem(uri, config.storage)[1])
+            continue
+        unique = set(ids)
+        seen |= unique
+        committed.files.append(uri)
+        committed.ids.extend(unique)
+        nulls = keys["candidate_index"].null_count
+        committed.empty_groups += nulls
+        committed.candidates += len(keys) - nulls
+    return committed
+
+
+def job_record(config: JobConfig, weights_fingerprint: str) -> dict[str, Any]:
+    """What must not change between the attempts of one output: the model and how it scores."""
+    # Throughput knobs (budget, batch sizes, attention layout) leave the scores as they are and
+    # may be retuned between attempts, e.g. a smaller token budget after running out of memory.
+    speed = {"token_budget", "vision_batch", "prefix_mode"}
+    return {
+        "weights_fingerprint": weights_fingerprint,
+        "scoring": config.scoring.model_dump(mode="json", exclude=speed),
+        "images": config.images.model_dump(mode="json"),
+        "system_message": config.model.system_message,
+        "dtype": config.model.dtype,
+    }
+
+
+class ResumeConflict(RuntimeError):
+    """The output holds part of a run made with another model or other scoring settings."""
+
+
+def check_job_record(config: JobConfig, record: dict[str, Any]) -> None:
+    """Write the job record on a first attempt; on a resume, refuse a different job."""
+    from visualprm_ray.storage import fsspec_filesystem, redact
+
+    fs, path = fsspec_filesystem(config.output.uri, config.storage)
+    target = f"{path.rstrip('/')}/{JOB_RECORD}"
+    if fs.exists(target):
+        earlier = json.loads(fs.cat_file(target))
+        changed = sorted(k for k in record if earlier.get(k) != record[k])
+        if changed:
+            raise ResumeConflict(
+                f"{redact(config.output.uri)} holds part of a run with different {', '.join(changed)}; "
+                "resuming would mix two jobs in one table. Use --fresh (output.mode: overwrite) to "
+                "start over, or write to another output."
+            )
+        return
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(target, "w") as f:
+        json.dump(record, f, indent=2)

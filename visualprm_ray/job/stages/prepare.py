@@ -1,0 +1,210 @@
+"""Prepare (CPU actors): decode and tile images, split steps, render and tokenize, split the prefix.
+
+An actor loads the tokenizer and the checkpoint facts once (no weights, no torch) and turns each
+group row into token arrays plus uint8 tiles for the scorer. Problems in the data become typed
+errors in the row (``error_stage = "prepare"``) and the job goes on; anything else is a bug and
+fails loudly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from visualprm_ray.errors import ImageError, RowError
+from visualprm_ray.job import stages as col
+from visualprm_ray.model.group import candidate_steps, prepare_group
+from visualprm_ray.model.images import load_image
+
+if TYPE_CHECKING:
+    from visualprm_ray.job.config import JobConfig
+
+STAGE = "prepare"
+_INT_LIST = pa.list_(pa.int32())
+_STR_LIST = pa.list_(pa.string())
+
+PREPARED_COLUMNS = {
+    col.CANDIDATE_INDEX: _INT_LIST,
+    col.RESPONSE_TEXT: _STR_LIST,
+    col.PREFIX: _INT_LIST,
+    col.SUFFIXES: pa.list_(_INT_LIST),
+    col.POSITIONS: pa.list_(_INT_LIST),
+    col.TILES: pa.large_binary(),
+    col.NUM_TILES: pa.int32(),
+    col.TILE_SIZE: pa.int32(),
+    col.NUM_TOKENS: _INT_LIST,
+    col.NUM_STEPS: _INT_LIST,
+    col.CANDIDATE_ERROR: _STR_LIST,
+    col.CANDIDATE_ERROR_STAGE: _STR_LIST,
+    col.CANDIDATE_ERROR_KIND: _STR_LIST,
+    col.TRUNCATED: pa.list_(pa.bool_()),
+    col.GROUP_ERROR: pa.string(),
+    col.GROUP_ERROR_STAGE: pa.string(),
+    col.GROUP_ERROR_KIND: pa.string(),
+}
+
+
+def image_values(value: Any) -> list[Any]:
+    """A row's image cell as a list of image references (null -> no image)."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        if any(v is None for v in value):
+            raise ImageError("the image list holds a null entry", kind="image_missing")
+        return list(value)
+    return [value]
+
+
+class PrepareStage:
+    """Callable class for ``map_batches``: one prepared row per group row."""
+
+    def __init__(self, config: JobConfig, model_dir: str, progress: str | None = None) -> None:
+        from visualprm_ray.model.checkpoint import load_preprocessing
+        from visualprm_ray.model.source import resolve_model_source
+
+        self.config = config
+        model_dir = resolve_model_source(model_dir, storage=config.storage, cache_dir=config.model.cache_dir)
+        self.tokenizer, self.info = load_preprocessing(model_dir, config.model.tokenizer)
+        self.system_message = config.model.system_message or self.info.system_message
+        self.max_context = config.scoring.max_context or self.info.max_context
+        self.max_tiles = config.images.max_tiles or self.info.max_tiles
+        from visualprm_ray.job.progress import ProgressReporter
+
+        self.progress = ProgressReporter.connect(progress) if progress else None
+
+    def _tiles(self, value: Any) -> list[np.ndarray]:
+        from visualprm_ray.model.tiling import tile_image
+
+        images = self.config.images
+        return [
+            tile_image(
+                load_image(
+                    ref,
+                    max_pixels=images.max_pixels,
+                    max_bytes=images.max_bytes,
+                    root=images.root,
+                    options=self.config.storage,
+                ),
+                max_tiles=self.max_tiles,
+                tile_size=self.info.image_size,
+                use_thumbnail=self.info.use_thumbnail,
+                min_tiles=self.info.min_tiles,
+            )
+            for ref in image_values(value)
+        ]
+
+    def _steps(self, response: Any, steps: Any) -> list[str] | RowError:
+        try:
+            if steps is not None:
+                return candidate_steps(steps, None)  # pre-split steps are scored as given
+            if response is None:
+                raise RowError("the response is null", kind="invalid_response")
+            if not isinstance(response, str):
+                raise RowError(
+                    f"the response must be a string, got {type(response).__name__}", kind="invalid_response"
+                )
+            return candidate_steps(response, self.config.scoring.max_steps)
+        except RowError as exc:
+            return exc
+
+    def prepare_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        responses = row[col.RESPONSES]
+        responses = [] if responses is None else list(responses)
+        n = len(responses)
+        steps_col = row.get(col.STEPS)
+        indices = row.get(col.CANDIDATE_INDEX) or list(range(n))
+        out: dict[str, Any] = {
+            col.CANDIDATE_INDEX: indices,
+            col.RESPONSE_TEXT: [r if isinstance(r, str) else None for r in responses],
+            col.PREFIX: [],
+            col.SUFFIXES: [[] for _ in range(n)],
+            col.POSITIONS: [[] for _ in range(n)],
+            col.TILES: b"",
+            col.NUM_TILES: 0,
+            col.TILE_SIZE: self.info.image_size,
+            col.NUM_TOKENS: [None] * n,
+            col.NUM_STEPS: [None] * n,
+            col.CANDIDATE_ERROR: [None] * n,
+            col.CANDIDATE_ERROR_STAGE: [None] * n,
+            col.CANDIDATE_ERROR_KIND: [None] * n,
+            col.TRUNCATED: [None] * n,
+            col.GROUP_ERROR: None,
+            col.GROUP_ERROR_STAGE: None,
+            col.GROUP_ERROR_KIND: None,
+        }
+        try:
+            if n == 0:
+                raise RowError(
+                    "the group has no candidate responses (null or empty list)", kind="no_candidates"
+                )
+            tiles = self._tiles(row[col.IMAGE])
+            steps = [
+                self._steps(r, steps_col[k] if steps_col is not None and k < len(steps_col) else None)
+                for k, r in enumerate(responses)
+            ]
+            group = prepare_group(
+                row[col.QUESTION],
+                steps,
+                tiles,
+                self.tokenizer,
+                system_message=self.system_message,
+                image_tokens_per_tile=self.info.image_tokens_per_tile,
+                image_token_id=self.info.image_token_id,
+                max_context=self.max_context,
+                context_policy=self.config.scoring.context_policy,
+            )
+        except RowError as exc:  # ImageError included; anything else is a bug and propagates
+            if self.config.runtime.on_error == "raise":
+                raise
+            out[col.GROUP_ERROR] = str(exc)
+            out[col.GROUP_ERROR_STAGE] = STAGE
+            out[col.GROUP_ERROR_KIND] = exc.kind
+            return out
+        if self.config.runtime.on_error == "raise":
+            for err in group.errors:
+                if err is not None:
+                    raise err
+        out[col.PREFIX] = group.prefix.astype(np.int32)
+        out[col.SUFFIXES] = [s.astype(np.int32) for s in group.suffixes]
+        out[col.POSITIONS] = [p.astype(np.int32) for p in group.positions]
+        out[col.TILES] = group.tiles.tobytes()
+        out[col.NUM_TILES] = len(group.tiles)
+        for k in range(n):
+            error = group.errors[k]
+            if error is None:
+                out[col.NUM_TOKENS][k] = group.sequence_length(k)
+                out[col.NUM_STEPS][k] = len(group.steps[k])
+                out[col.TRUNCATED][k] = group.truncated[k]
+            else:
+                out[col.CANDIDATE_ERROR][k] = str(error)
+                out[col.CANDIDATE_ERROR_STAGE][k] = STAGE
+                out[col.CANDIDATE_ERROR_KIND][k] = error.kind
+        return out
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        start = time.perf_counter()
+        out = self._prepare_table(table)
+        if self.progress is not None:
+            self.progress.add(prepare_s=time.perf_counter() - start, groups_prepared=len(table))
+        return out
+
+    def _prepare_table(self, table: pa.Table) -> pa.Table:
+        inputs = table.select(
+            [c for c in (col.QUESTION, col.IMAGE, col.RESPONSES, col.STEPS) if c in table.column_names]
+        )
+        if col.CANDIDATE_INDEX in table.column_names:
+            inputs = inputs.append_column(col.CANDIDATE_INDEX, table[col.CANDIDATE_INDEX])
+        prepared = [self.prepare_row(row) for row in inputs.to_pylist()]
+        keep = table.drop_columns(
+            [
+                c
+                for c in (col.QUESTION, col.IMAGE, col.RESPONSES, col.STEPS, col.CANDIDATE_INDEX)
+                if c in table.column_names
+            ]
+        )
+        for name, dtype in PREPARED_COLUMNS.items():
+            keep = keep.append_column(name, pa.array([p[name] for p in prepared], dtype))
+        return keep
