@@ -28,7 +28,10 @@ def steps(out: Path) -> list[tuple[str, list[str]]]:
     bench = str(ROOT / "benchmarks" / "gpu_scorer.py")
     common = ["--fresh-shapes", "--upstream-groups", "2", "--fp32-layers", "1"]
     return [
-        ("pytest", [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/model/test_prm.py"]),
+        (
+            "pytest",
+            [py, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/model/test_prm.py"],
+        ),
         ("gpu", [py, bench, *common, "--json", str(out / "gpu.json")]),
         (
             "gpu-spread",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from visualprm_ray import faults
+from visualprm_ray.job import faults
 
 
 def test_inert_without_the_variable(monkeypatch):

@@ -38,7 +38,7 @@ def build_dataset(
     """
     from ray.data import ActorPoolStrategy
 
-    from visualprm_ray import faults
+    from visualprm_ray.job import faults
 
     rt = config.runtime
     fault_env = faults.forwarded_env()

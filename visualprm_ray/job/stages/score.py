@@ -159,7 +159,7 @@ class ScoreStage:
             vision_batch=config.scoring.vision_batch,
             mode=config.scoring.prefix_mode,
         )
-        from visualprm_ray import faults
+        from visualprm_ray.job import faults
 
         self.faults = faults.active_plan()
         if self.faults is not None:
