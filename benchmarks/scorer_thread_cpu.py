@@ -40,7 +40,7 @@ def main() -> None:
     from visualprm_ray.job.config import JobConfig
     from visualprm_ray.job.inputs import plan_read
     from visualprm_ray.job.stages.prepare import PrepareStage
-    from visualprm_ray.job.stages.read import _Rename
+    from visualprm_ray.job.stages.read import Rename
     from visualprm_ray.job.stages.score import ScoreStage
     from visualprm_ray.sample_data import make_groups, write_shards
 
@@ -68,7 +68,9 @@ def main() -> None:
             model_source=str(model),
         )
         plan = plan_read(config)
-        table = pa.concat_tables([_Rename(config, plan)(pq.read_table(f)) for f in plan.files])
+        table = pa.concat_tables(
+            [Rename(config, plan)(pq.read_table(f.path).select(plan.columns)) for f in plan.files]
+        )
         batch = config.runtime.groups_per_batch
         prepare = PrepareStage(config, str(model))  # no torch: tiling and tokenizing only
         prepared = [prepare(table.slice(i, batch)) for i in range(0, len(table), batch)]

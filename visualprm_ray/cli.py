@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 def _score(args: argparse.Namespace) -> int:
     from visualprm_ray.job.config import ConfigError, JobConfig
-    from visualprm_ray.job.driver import JobCheckError, run_job
+    from visualprm_ray.job.driver import ActorStartError, JobCheckError, run_job
+    from visualprm_ray.job.inputs import InputSchemaError
     from visualprm_ray.job.resume import ResumeConflict
 
     overrides = [*args.set, *(["output.mode=overwrite"] if args.fresh else [])]
@@ -22,9 +23,12 @@ def _score(args: argparse.Namespace) -> int:
         return 2
     try:
         run_job(config)
-    except ResumeConflict as exc:
+    except (ResumeConflict, InputSchemaError) as exc:
         print(f"visualprm-ray: {exc}", file=sys.stderr)
         return 2
+    except ActorStartError as exc:
+        print(f"visualprm-ray: {exc}", file=sys.stderr)
+        return 1
     except JobCheckError as exc:
         # The manifest says what is wrong; no _SUCCESS was written, so readers never take it.
         print(f"visualprm-ray: {exc}", file=sys.stderr)

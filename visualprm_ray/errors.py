@@ -23,6 +23,8 @@ ErrorKind = Literal[
     "image_too_large",  # over images.max_pixels (checked on the header) or images.max_bytes
     "image_unsupported",  # a value of a type the image column cannot hold
     "context_length",  # the conversation is longer than the model's context (context_policy: error)
+    "invalid_candidate_index",  # flat layout: the candidate index column is null or repeats in the group
+    "preparer_crash",  # the preparation actor died every time it held this group (poison row)
     "scorer_crash",  # the scoring actor died every time it held this group (poison row)
     "out_of_memory",  # the device ran out of memory even for this group alone
 ]

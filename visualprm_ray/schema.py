@@ -23,12 +23,16 @@ class Column:
 # Columns before the passthrough columns (keys), then after them (results).
 KEY_COLUMNS = [
     Column(
-        "id", pa.string(), "Group id: the input `id` column, or derived from the file and the row's content."
+        "id",
+        pa.string(),
+        "Group id: the input `id` column, or derived as `<file path relative to the input root>#<row>`.",
     ),
     Column(
         "candidate_index",
         pa.int32(),
-        "Position of the candidate in its group's input order (null for a group-level error row).",
+        "Position of the candidate in its group's input order: the list order (grouped layout), the "
+        "row order in the input files or input.candidate_index_column (flat layout); null for a "
+        "group without candidates.",
     ),
 ]
 RESULT_COLUMNS = [
@@ -56,7 +60,7 @@ RESULT_COLUMNS = [
         pa.string(),
         "The error's kind, one of a fixed set (see visualprm_ray.errors.ERROR_KINDS); null when scored.",
     ),
-    Column("error_stage", pa.string(), "Stage that refused it: prepare or score; null when scored."),
+    Column("error_stage", pa.string(), "Stage that refused it: read, prepare or score; null when scored."),
 ]
 OUTPUT_COLUMNS = KEY_COLUMNS + RESULT_COLUMNS
 OUTPUT_SCHEMA = pa.schema([pa.field(c.name, c.type) for c in OUTPUT_COLUMNS])

@@ -56,6 +56,23 @@ class StorageError(RuntimeError):
     """A storage operation failed for good (after retries), or a model source cannot be used."""
 
 
+class ModelChangedError(StorageError):
+    """A model's files are not the ones the job was started with (it is pinned for the whole job)."""
+
+
+def describe_listing_change(before: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> str:
+    """What differs between two model listings, in words (at most a few names of each kind)."""
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    changed = sorted(k for k in set(before) & set(now) if before[k] != now[k])
+    parts = [
+        f"{what} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+        for what, names in (("changed", changed), ("added", added), ("removed", removed))
+        if names
+    ]
+    return "the model's files differ from the ones the job was started with: " + "; ".join(parts)
+
+
 class StorageOptions(BaseModel):
     """How to reach object storage.
 
@@ -363,9 +380,14 @@ def _hidden(relative: str) -> bool:
 
 
 def list_files(
-    uri: str, options: StorageOptions | None = None, suffix: str = ".parquet", *, recursive: bool = True
-) -> list[str]:
-    """Sorted full URIs of the data files at ``uri``.
+    uri: str,
+    options: StorageOptions | None = None,
+    suffix: str = ".parquet",
+    *,
+    recursive: bool = True,
+    detail: bool = False,
+) -> list[Any]:
+    """Sorted full URIs of the data files at ``uri`` (with ``detail``: ``(uri, size, version)``).
 
     ``uri`` may be a directory/prefix (searched recursively), a glob (``s3://b/data/*.parquet``)
     or a single file (returned as is). Names ending in ``suffix`` are kept (``""`` keeps all);
@@ -374,35 +396,58 @@ def list_files(
     ones are absolute paths. A non-glob ``uri`` that does not exist raises ``FileNotFoundError``
     so a typo fails loudly instead of producing an empty job. ``recursive=False`` keeps only the
     files directly in a directory: a job's output, where nested files are never the job's.
+
+    One listing call per 1,000 objects on S3, whatever the form: sizes and versions (ETag, or
+    mtime for local files) come with the listing, never from a request per file.
     """
     options = options or StorageOptions()
     protocol = split_uri(uri)[0]
     fs, path = fsspec_filesystem(uri, options)
 
-    def _list() -> list[str]:
+    def _list() -> dict[str, dict[str, Any]]:
         # s3fs caches listings per instance (and instances are shared): a prefix listed before a
         # write would otherwise look unchanged after it.
         fs.invalidate_cache()
         if any(ch in path for ch in _GLOB_CHARS):
             first = min(path.index(ch) for ch in _GLOB_CHARS if ch in path)
             root = path[: path.rfind("/", 0, first) + 1]
-            found = [p for p in fs.glob(path) if fs.isfile(p)]
-            return [p for p in found if not _hidden(p[len(root) :])]
-        if fs.isfile(path):
-            return [path]
-        if not fs.isdir(path):
-            raise FileNotFoundError(errno.ENOENT, "no such file or directory", redact(uri))
+            found = fs.glob(path, detail=True)
+            return {
+                p: info
+                for p, info in found.items()
+                if info.get("type") == "file" and not _hidden(p[len(root) :])
+            }
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such file or directory", redact(uri)) from None
+        if info.get("type") == "file":
+            return {path: info}
         prefix = path.rstrip("/") + "/"
         if not recursive:
-            entries = fs.ls(path, detail=True)
-            below = [e["name"] for e in entries if e.get("type") == "file"]
+            below = {e["name"]: e for e in fs.ls(path, detail=True) if e.get("type") == "file"}
         else:
-            below = fs.find(path)
+            below = fs.find(path, detail=True)
         # find() on s3 may include an object named exactly like the prefix; keep what is below it.
-        return [p for p in below if p.startswith(prefix) and not _hidden(p[len(prefix) :])]
+        return {
+            p: e
+            for p, e in below.items()
+            if p.startswith(prefix) and e.get("type") != "directory" and not _hidden(p[len(prefix) :])
+        }
 
     found = with_retries(_list, what=f"list {redact(uri)}", retries=options.retries)
-    return sorted(_join_uri(protocol, p) for p in found if p.endswith(suffix or ""))
+    keep = sorted(p for p in found if p.endswith(suffix or ""))
+    if not detail:
+        return [_join_uri(protocol, p) for p in keep]
+    return [(_join_uri(protocol, p), int(found[p].get("size") or 0), _version(found[p])) for p in keep]
+
+
+def _version(info: dict[str, Any]) -> str:
+    """What changes when an object is rewritten: its ETag (S3), md5/generation (GCS), else mtime."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified", "last_modified"):
+        if info.get(key) is not None:
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,7 +543,7 @@ def _download_tree(
 
 
 @contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
+def exclusive_lock(path: Path) -> Iterator[None]:
     # flock is released by the kernel when the process dies, so a crashed download cannot leave a
     # stale lock behind. The lock file itself is never deleted: unlinking it while another process
     # waits on it would let two processes hold "the" lock at once.
@@ -511,8 +556,39 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def remote_model_listing(source: str, options: StorageOptions | None = None) -> dict[str, dict[str, Any]]:
+    """The model files under a remote prefix: ``relative name -> {"size", "etag"}`` (one listing)."""
+    options = options or StorageOptions()
+    protocol, _ = split_uri(source)
+    fs, root = fsspec_filesystem(source, options)
+    uri = _join_uri(protocol, root)
+    listing = with_retries(
+        lambda: _remote_listing(fs, root), what=f"list {redact(uri)}", retries=options.retries
+    )
+    if not listing:
+        raise StorageError(
+            f"no model files ({', '.join(MODEL_FILE_PATTERNS)}) found at {redact(uri)}: "
+            "the path does not exist or holds no checkpoint"
+        )
+    return listing
+
+
+def local_model_files(directory: Path) -> list[str]:
+    """The model files of a local checkpoint directory (what :data:`MODEL_FILE_PATTERNS` keeps), sorted."""
+    found = []
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_file() and _wanted(relative):
+            found.append(relative)
+    return sorted(found)
+
+
 def local_model_dir(
-    source: str, options: StorageOptions | None = None, cache_dir: str | os.PathLike[str] | None = None
+    source: str,
+    options: StorageOptions | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    expected: dict[str, dict[str, Any]] | None = None,
 ) -> Path:
     """A local directory holding the model at ``source``.
 
@@ -529,6 +605,11 @@ def local_model_dir(
     Only ``*.json``, ``*.safetensors``, ``tokenizer.model`` and ``*.txt`` are fetched; checkpoint
     code (``*.py``) is never downloaded. A hub id (no ``://`` and not an existing path) is not
     handled here: it raises :class:`StorageError` so the caller can try the hub.
+
+    ``expected`` pins the model for a job: the listing the driver saw when the job started. A remote
+    that lists differently (a retrained checkpoint uploaded to the same prefix mid-run) raises
+    :class:`ModelChangedError` instead of fetching other weights than the job was started with; a
+    cached copy is used only when its own listing is the expected one.
     """
     options = options or StorageOptions()
     if _is_local(source):
@@ -547,13 +628,15 @@ def local_model_dir(
     name = _cache_name(uri, _effective_endpoint(options) if protocol in ("s3", "s3a") else None)
     target = cache / name
 
-    with _exclusive_lock(cache / f"{name}.lock"):
+    with exclusive_lock(cache / f"{name}.lock"):
         # Leftovers of a process that died mid-download: nobody else can be writing them, we hold the lock.
         for stale in cache.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
         marker = _read_marker(target)
         cache_ok = marker is not None and _local_files_match(target, marker)
+        if expected is not None and marker is not None and marker != expected:
+            cache_ok = False  # another version than the job's: never used for it
         try:
             listing = with_retries(
                 lambda: _remote_listing(fs, root), what=f"list {redact(uri)}", retries=options.retries
@@ -570,6 +653,8 @@ def local_model_dir(
                 f"no model files ({', '.join(MODEL_FILE_PATTERNS)}) found at {redact(uri)}: "
                 "the path does not exist or holds no checkpoint"
             )
+        if expected is not None and listing != expected:
+            raise ModelChangedError(f"{redact(uri)}: {describe_listing_change(expected, listing)}")
         if cache_ok and marker == listing:
             return target
         if marker is not None:

@@ -146,3 +146,56 @@ def test_unplaceable_actor_pool_ends_with_a_clear_message(ray_local, inputs, tin
         _run(inputs, tiny_model, tmp_path / "out", "runtime.cpus_per_scorer=64", "runtime.stall_timeout_s=15")
     assert time.perf_counter() - started < 120
     assert "MapBatches(ScoreStage)" in str(info.value)
+
+
+def test_actors_that_fail_to_start_are_replaced_and_the_job_completes(
+    ray_local, inputs, tiny_model, reference, tmp_path, monkeypatch
+):
+    """The first two constructions of each stage's actors raise (a throttled model download, a
+    bad GPU): they are replaced, with backoff, and the job completes with the same scores."""
+    state = tmp_path / "state"
+    _faults(monkeypatch, state, fail_start={"score": 2, "prepare": 2})
+    manifest, rows = _run(inputs, tiny_model, tmp_path / "out")
+    for stage in ("score", "prepare"):
+        assert len((state / f"start-{stage}.log").read_text().splitlines()) == 2, stage
+    assert len(rows) == 24 and manifest["counts"]["errored"] == 0
+    for key, row in rows.items():
+        assert row["step_scores"] == pytest.approx(reference[key], abs=1e-4), key
+
+
+def test_a_pool_that_cannot_start_at_all_fails_naming_the_cause(
+    ray_local, inputs, tiny_model, tmp_path, monkeypatch
+):
+    from visualprm_ray.job.driver import ActorStartError
+
+    state = tmp_path / "state"
+    _faults(monkeypatch, state, fail_start={"score": -1})
+    started = time.perf_counter()
+    with pytest.raises(ActorStartError, match="simulated start-up failure of a score actor"):
+        _run(inputs, tiny_model, tmp_path / "out", "runtime.max_actor_start_failures=2")
+    assert time.perf_counter() - started < 180
+    # Bounded: the budget's failures in a row, plus the ones already starting when it ran out.
+    assert 3 <= len((state / "start-score.log").read_text().splitlines()) <= 6
+
+
+@pytest.mark.parametrize("layout", ["grouped", "flat"])
+def test_a_group_that_kills_the_preparer_every_time_is_recorded(
+    layout, ray_local, tiny_model, reference, tmp_path, monkeypatch
+):
+    root = tmp_path / "in"
+    write_shards(root, GROUPS, 2, layout=layout)
+    poison = GROUPS[5]["id"]
+    state = tmp_path / "state"
+    _faults(monkeypatch, state, prepare_kill_on=[poison], kill_times=-1)
+    manifest, rows = _run(root, tiny_model, tmp_path / "out", "runtime.max_crashes_per_group=2")
+    kills = (state / f"prepare-kills-{poison.replace('-', '_')}.log").read_text().splitlines()
+    assert len(kills) == 1 + 2 and len(set(kills)) == 3  # real deaths of three preparer processes
+    for key, row in rows.items():
+        if key[0] == poison:
+            assert row["error_kind"] == "preparer_crash" and row["error_stage"] == "prepare", row
+            assert "died 2 time(s)" in row["error"]
+        else:
+            assert row["error"] is None, (key, row["error"])
+            assert row["step_scores"] == pytest.approx(reference[key], abs=1e-4), key
+    assert manifest["counts"]["errors_by_kind"] == {"preparer_crash": 3}
+    assert manifest["counts"]["scored"] == 21

@@ -92,7 +92,7 @@ def test_minimal_config_and_defaults(minimal):
     assert rt.groups_per_batch == 8
     assert rt.on_error == "record"
     assert rt.progress_interval_s == 30.0
-    assert rt.max_task_retries == 3
+    assert rt.max_actor_start_failures == 10
 
     # Defaults are fresh instances, not shared between configs.
     other = JobConfig.from_yaml(minimal)
@@ -334,7 +334,7 @@ def test_invalid_literal_choices_rejected(minimal, override, field):
         ("runtime.gpus_per_scorer=0", "runtime.gpus_per_scorer"),
         ("runtime.groups_per_batch=-1", "runtime.groups_per_batch"),
         ("runtime.progress_interval_s=0", "runtime.progress_interval_s"),
-        ("runtime.max_task_retries=-1", "runtime.max_task_retries"),
+        ("runtime.max_actor_start_failures=-1", "runtime.max_actor_start_failures"),
         ("images.max_pixels=0", "images.max_pixels"),
         ("output.min_rows_per_file=0", "output.min_rows_per_file"),
         ("input.num_blocks=0", "input.num_blocks"),
@@ -353,11 +353,11 @@ def test_numeric_validators_accept_the_boundaries(minimal):
             "scoring.threshold=0",
             "scoring.max_steps=1",
             "runtime.gpus_per_scorer=0.25",
-            "runtime.max_task_retries=0",
+            "runtime.max_actor_start_failures=0",
         ],
     )
     assert cfg.scoring.token_budget == 256 and cfg.scoring.threshold == 0.0 and cfg.scoring.max_steps == 1
-    assert cfg.runtime.gpus_per_scorer == 0.25 and cfg.runtime.max_task_retries == 0
+    assert cfg.runtime.gpus_per_scorer == 0.25 and cfg.runtime.max_actor_start_failures == 0
     assert JobConfig.from_sources(minimal, ["scoring.threshold=1"]).scoring.threshold == 1.0
 
 

@@ -42,10 +42,11 @@ def test_repeated_or_null_group_ids_are_refused_before_the_job(tmp_path):
     with pytest.raises(ValueError, match="null 'id'"):
         count_input(config, plan_read(config))
     _input(tmp_path / "in" / "b.parquet", ["g3", "g4"])
-    counts, files = count_input(config, plan_read(config))
+    plan = plan_read(config)
+    counts = count_input(config, plan)
     assert (counts.groups_in, counts.candidates_in) == (4, 8)
-    # The same pass indexes each file's row groups for the read stage.
-    assert [(f.path.rsplit("/", 1)[-1], f.row_group_rows) for f in files] == [
+    # The plan indexes each file's row groups for the read stage.
+    assert [(f.path.rsplit("/", 1)[-1], f.row_group_rows) for f in plan.files] == [
         ("a.parquet", (2,)),
         ("b.parquet", (2,)),
     ]

@@ -27,20 +27,20 @@ def _fill(out, *, complete: bool):
 
 
 def test_missing_or_empty_output_runs(tmp_path):
-    assert prepare_output(_config(tmp_path / "none", "error")) is True
+    assert prepare_output(_config(tmp_path / "none", "error")) == "new"
     (tmp_path / "empty").mkdir()
-    assert prepare_output(_config(tmp_path / "empty", "error")) is True
+    assert prepare_output(_config(tmp_path / "empty", "error")) == "new"
 
 
-def test_resume_of_a_complete_run_is_a_no_op(tmp_path):
+def test_resume_of_a_complete_run_says_so_and_keeps_everything(tmp_path):
     _fill(tmp_path / "out", complete=True)
-    assert prepare_output(_config(tmp_path / "out", "resume")) is False
+    assert prepare_output(_config(tmp_path / "out", "resume")) == "complete"
     assert (tmp_path / "out" / "part-1.parquet").exists()
 
 
 def test_resume_of_an_unfinished_run_keeps_its_files_for_the_scan(tmp_path):
     _fill(tmp_path / "out", complete=False)
-    assert prepare_output(_config(tmp_path / "out", "resume")) is True
+    assert prepare_output(_config(tmp_path / "out", "resume")) == "partial"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [JOB_RECORD, "notes.txt", "part-1.parquet"]
 
 
@@ -49,7 +49,7 @@ def test_overwrite_clears_only_the_jobs_files(tmp_path, complete):
     _fill(tmp_path / "out", complete=complete)
     (tmp_path / "out" / "nested").mkdir()
     (tmp_path / "out" / "nested" / "part-2.parquet").write_bytes(b"stale")
-    assert prepare_output(_config(tmp_path / "out", "overwrite")) is True
+    assert prepare_output(_config(tmp_path / "out", "overwrite")) == "new"
     left = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
     assert left == ["nested", "nested/part-2.parquet", "notes.txt"]  # not the job's: left alone
 

@@ -18,7 +18,7 @@ from visualprm_ray.job.pipeline import rows_per_block
         (["input.num_blocks=4"], "grouped", 20, 5),  # spread over about that many blocks
         (["input.num_blocks=2"], "grouped", 1000, 32),  # but never more than 4 batches each
         (["input.num_blocks=1000"], "grouped", 10, 1),
-        ([], "flat", 1000, 128),  # flat rows are candidates
+        ([], "flat", 1000, 8),  # a flat input is read as its regrouped group rows
     ],
 )
 def test_rows_per_block(overrides, layout, rows, expected):

@@ -68,17 +68,24 @@ def test_scan_without_delete_leaves_files(tmp_path):
 def test_a_different_model_or_scoring_may_not_resume(tmp_path):
     out = tmp_path / "out"
     config = _config(out)
-    check_job_record(config, job_record(config, "weights-A"))
+    a, b = _identity("A"), _identity("B")
+    check_job_record(config, job_record(config, a))
     assert (out / JOB_RECORD).exists()
-    check_job_record(config, job_record(config, "weights-A"))  # the same job resumes
-    with pytest.raises(ResumeConflict, match="weights_fingerprint"):
-        check_job_record(config, job_record(config, "weights-B"))
+    check_job_record(config, job_record(config, a))  # the same job resumes
+    with pytest.raises(ResumeConflict, match=r"model\.identity: \"sha256:"):
+        check_job_record(config, job_record(config, b))
     other = _config(out, "scoring.max_steps=4")
-    with pytest.raises(ResumeConflict, match="scoring"):
-        check_job_record(other, job_record(other, "weights-A"))
+    with pytest.raises(ResumeConflict, match=r"scoring\.max_steps: 12 -> 4"):
+        check_job_record(other, job_record(other, a))
     # Runtime and throughput settings may change between attempts.
     tuned = _config(out, "runtime.groups_per_batch=2", "scoring.token_budget=4096")
-    check_job_record(tuned, job_record(tuned, "weights-A"))
+    check_job_record(tuned, job_record(tuned, a))
+
+
+def _identity(content: str):
+    from visualprm_ray.model.source import ModelIdentity
+
+    return ModelIdentity("content", {"model.safetensors": {"size": 1, "sha256": content}})
 
 
 def test_only_the_jobs_own_top_level_files_count(tmp_path, monkeypatch):

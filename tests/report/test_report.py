@@ -99,9 +99,9 @@ def _manifest(rows: int, scored: int, errored: int) -> dict:
             "output": {"uri": "/somewhere", "include_response": True},
             "storage": {"endpoint_url": None},
         },
-        "model": {"source": "/models/VisualPRM-8B", "weights_fingerprint": "ab" * 32},
+        "model": {"source": "/models/VisualPRM-8B", "identity": "sha256:" + "ab" * 32},
         "layout": "flat",
-        "input_files": ["/in/part-0.parquet", "/in/part-1.parquet"],
+        "input": {"fingerprint": "sha256:00", "files": ["/in/part-0.parquet", "/in/part-1.parquet"]},
         "resources": {"device": "cuda", "num_scorers": 8, "num_preparers": 16},
         "counts": {
             "groups_in": 7,

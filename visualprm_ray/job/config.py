@@ -98,6 +98,14 @@ class InputConfig(BaseModel):
         "steps",
         description="Optional column of pre-split steps (a list of strings per response); used when present.",
     )
+    candidate_index_column: str | None = Field(
+        "candidate_index",
+        description=(
+            "Flat layout: column giving each candidate's position in its group, used when the input has it "
+            "(a null or repeated value makes the group an 'invalid_candidate_index' error); without it, or "
+            "when null, candidates are numbered in input order (file, then row)."
+        ),
+    )
     passthrough: Literal["all", "none"] | list[str] = Field(
         "all",
         description="Other input columns copied to the output: 'all', 'none', or a list of column names.",
@@ -214,7 +222,7 @@ class OutputConfig(BaseModel):
     uri: str = Field(..., description="Output directory/prefix; a local path, s3:// or gs:// URI.")
     mode: Literal["resume", "overwrite", "error"] = Field(
         "resume",
-        description="If the output exists: 'resume' keeps the groups already committed (readable output files) and scores the rest, and a finished run (_SUCCESS) is a no-op; 'overwrite' starts fresh (the CLI's --fresh); 'error' fails.",
+        description="If the output exists: 'resume' keeps the groups already committed (readable output files) and scores the rest; a finished run (_SUCCESS) is a no-op unless the input changed (then its new ids are scored), and a changed model or scoring setting is refused either way; 'overwrite' starts fresh (the CLI's --fresh); 'error' fails.",
     )
     include_response: bool = Field(True, description="Copy the response text into the output rows.")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
@@ -265,18 +273,23 @@ class RuntimeConfig(BaseModel):
         description="A group that fails: 'record' writes its error in the output and goes on, 'raise' fails the job.",
     )
     progress_interval_s: float = Field(30.0, gt=0, description="Seconds between progress lines.")
-    max_task_retries: int = Field(
-        3, ge=0, description="Retries of a failed Ray task or actor call (machine loss, preemption)."
+    max_actor_start_failures: int = Field(
+        10,
+        ge=0,
+        description=(
+            "Actors of one stage that may fail to start (model download, CUDA init) in a row before the job "
+            "fails naming the cause; each failed actor is replaced, and any actor that starts resets the count."
+        ),
     )
     max_crashes_per_group: int = Field(
         2,
         ge=1,
-        description="A group held by a scoring actor that died this many times is recorded as a 'scorer_crash' error instead of being retried again (a poison row never loops).",
+        description="A group held by a scoring or preparation actor that died this many times is recorded as a 'scorer_crash' or 'preparer_crash' error instead of being retried again (a poison row never loops).",
     )
     stall_timeout_s: float = Field(
         1800.0,
         gt=0,
-        description="Fail the job with a clear message naming the stalled stages when none makes progress for this long (Ray Data's execution_no_progress_timeout_s): an actor pool that can never start, a hung read. Ray Data switches this guard off around a shuffle, so it does not apply to the flat layout.",
+        description="Fail the job with a clear message naming the stalled stages when none makes progress for this long (Ray Data's execution_no_progress_timeout_s): an actor pool that can never start, a hung read. Ray Data switches this guard off around a shuffle, so it does not apply to the flat layout's regroup pass (it does to its scoring pass).",
     )
 
 

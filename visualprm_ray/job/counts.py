@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from visualprm_ray.job.inputs import InputFile, ReadPlan
+from visualprm_ray.job.inputs import ReadPlan
 from visualprm_ray.job.resume import Committed, output_files
 
 if TYPE_CHECKING:
@@ -63,51 +63,86 @@ class JobCheckError(RuntimeError):
     """The output failed the count check: rows lost or doubled. Never silently accepted."""
 
 
-def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[InputFile]]:
+def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
     """Candidates in, from the input files alone (independent of what the pipeline did).
 
-    Also refuses an input whose group ids repeat: resume and the exactly-once check key on the
-    id, so two groups with one id could not be told apart. The same pass returns each file's row
-    groups, which the read stage cuts its tasks from.
-    """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    Flat rows are candidates: the footers' row counts say how many. Grouped rows hold lists, whose
+    lengths only the data says: each file's responses column is read (many files at once).
 
-    from visualprm_ray.storage import pyarrow_filesystem, redact
+    Also refuses an input whose group ids repeat (or are null): resume and the exactly-once check
+    key on the id, so two groups with one id could not be told apart. Ids derived for inputs
+    without an id column (file path and row position) cannot repeat.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     counts = Counts()
+    if plan.layout == "flat":
+        counts.candidates_in = plan.num_rows
+        return counts
     inp = config.input
-    column = inp.responses_column if plan.layout == "grouped" else inp.id_column
-    check_ids = plan.layout == "grouped" and plan.has_id
-    seen: dict[str, str] = {}
-    files = []
-    for uri in plan.files:
-        fs, path = pyarrow_filesystem(uri, config.storage)
-        columns = [column, inp.id_column] if check_ids else [column]
-        with pq.ParquetFile(path, filesystem=fs) as parquet:
-            files.append(InputFile.from_metadata(path, parquet.metadata))
-            table = parquet.read(columns=columns)
-        values = table[column]
-        if plan.layout == "grouped":
-            lengths = pc.fill_null(pc.list_value_length(values), 0)
-            counts.groups_in += len(values)
-            counts.candidates_in += int(pc.sum(lengths).as_py() or 0)
-            counts.empty_groups += int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
-        else:
-            counts.candidates_in += len(values)
+    check_ids = plan.has_id
+    columns = [inp.responses_column, *([inp.id_column] if check_ids else [])]
+    ids: list[pa.Array] = []
+    owners: list[np.ndarray] = []
+    for index, table in enumerate(read_columns(config, plan, columns)):
+        lengths = pc.fill_null(pc.list_value_length(table[inp.responses_column]), 0)
+        counts.groups_in += len(table)
+        counts.candidates_in += int(pc.sum(lengths).as_py() or 0)
+        counts.empty_groups += int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
         if check_ids:
-            for value in table[inp.id_column].cast("string").to_pylist():
-                if value is None:
-                    raise ValueError(
-                        f"{redact(uri)}: a row has a null {inp.id_column!r}; every group needs an id"
-                    )
-                if value in seen:
-                    raise ValueError(
-                        f"group id {value!r} appears more than once ({redact(seen[value])}, {redact(uri)}); "
-                        f"resume and the exactly-once check key on {inp.id_column!r}, so ids must be unique"
-                    )
-                seen[value] = uri
-    return counts, files
+            ids.append(table[inp.id_column].combine_chunks().cast(pa.string()))
+            owners.append(np.full(len(table), index, dtype=np.int32))
+    if check_ids and ids:
+        _check_unique_ids(config, plan, pa.concat_arrays(ids), np.concatenate(owners))
+    return counts
+
+
+def read_columns(config: JobConfig, plan: ReadPlan, columns: list[str]):
+    """Each input file's ``columns`` as a table, in file order, several files fetched at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+
+    from visualprm_ray.job.inputs import FOOTER_THREADS
+    from visualprm_ray.storage import pyarrow_filesystem, redact, with_retries
+
+    fs, _ = pyarrow_filesystem(plan.uris[0], config.storage)
+
+    def read(i: int):
+        return with_retries(
+            lambda: pq.read_table(plan.files[i].path, filesystem=fs, columns=columns),
+            what=f"reading {redact(plan.uris[i])}",
+            retries=config.storage.retries,
+        )
+
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(plan.files))) as pool:
+        yield from pool.map(read, range(len(plan.files)))
+
+
+def _check_unique_ids(config: JobConfig, plan: ReadPlan, ids, owners) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from visualprm_ray.storage import redact
+
+    name = config.input.id_column
+    if ids.null_count:
+        first = int(pc.index(pc.is_null(ids), True).as_py())
+        raise ValueError(
+            f"{redact(plan.uris[owners[first]])}: a row has a null {name!r}; every group needs an id"
+        )
+    table = pa.table({"id": ids, "n": pa.array(owners)})
+    repeated = table.group_by("id").aggregate([("n", "count")]).filter(pc.greater(pc.field("n_count"), 1))
+    if len(repeated):
+        value = repeated["id"][0].as_py()
+        where = sorted({int(owners[i]) for i in pc.indices_nonzero(pc.equal(ids, value)).to_pylist()})
+        files = ", ".join(redact(plan.uris[w]) for w in where[:2])
+        raise ValueError(
+            f"group id {value!r} appears more than once ({files}); resume and the exactly-once check key "
+            f"on {name!r}, so ids must be unique ({len(repeated)} id(s) repeat)"
+        )
 
 
 def count_output(config: JobConfig, counts: Counts, committed: Committed) -> Counts:

@@ -14,7 +14,7 @@ import math
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from visualprm_ray.job.counts import JobCheckError, count_input, count_output
 from visualprm_ray.job.inputs import plan_read
@@ -50,30 +50,6 @@ def init_ray(config: JobConfig) -> None:
     ray.init(address="local", num_cpus=max(usable_cores(), math.ceil(needed)) + 2)
 
 
-def model_fingerprint(config: JobConfig) -> str:
-    from pathlib import Path
-
-    from visualprm_ray.model.checkpoint import weights_fingerprint
-
-    source = config.model.source
-    if Path(source).is_dir():
-        return weights_fingerprint(source)
-    if "://" in source:
-        import hashlib
-
-        from visualprm_ray.storage import fsspec_filesystem
-
-        fs, path = fsspec_filesystem(source, config.storage)
-        listing = fs.find(path, detail=True)
-        items = sorted(
-            (k.rsplit("/", 1)[-1], v.get("size"), v.get("ETag") or v.get("etag"))
-            for k, v in listing.items()
-            if k.endswith(".safetensors")
-        )
-        return hashlib.sha256(repr(items).encode()).hexdigest()
-    return f"hub:{source}"
-
-
 def _steady_rate(progress: dict[str, float]) -> float | None:
     """Rows/s between the first and the last scored batch (the first batch's rows excluded)."""
     first, last = progress.get("first_report"), progress.get("last_report")
@@ -97,75 +73,141 @@ def _versions() -> dict[str, str]:
 # What a run writes into its output directory; an overwrite removes these and nothing else.
 JOB_FILES = (MANIFEST, SUCCESS, JOB_RECORD, "_report.html")
 
+OutputState = Literal["new", "partial", "complete"]
 
-def prepare_output(config: JobConfig) -> bool:
-    """Apply ``output.mode``; returns False when a complete run is already there (nothing to do).
+
+def prepare_output(config: JobConfig) -> OutputState:
+    """Apply ``output.mode`` and say what the output holds: nothing yet, an unfinished run, or a
+    complete one (``_SUCCESS``; only in ``resume`` mode, where the caller decides what is left).
 
     ``resume`` keeps an unfinished run's files: :func:`visualprm_ray.job.resume.scan_committed`
-    decides which of them count. ``overwrite`` removes the job's own files (Parquet files and
-    the bookkeeping in :data:`JOB_FILES`); anything else a user keeps there is left alone.
+    decides which of them count. ``overwrite`` removes the job's own files (Parquet files, the
+    bookkeeping in :data:`JOB_FILES` and a flat input's regrouped rows); anything else a user keeps
+    there is left alone.
     """
+    from visualprm_ray.job import flat
     from visualprm_ray.storage import fsspec_filesystem
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
     exists = fs.exists(path) and bool(fs.ls(path))
     if not exists:
-        return True
+        return "new"
     if config.output.mode == "error":
         raise FileExistsError(f"output {config.output.uri} already holds files (output.mode is 'error')")
     if config.output.mode == "resume":
-        return not fs.exists(f"{path}/{SUCCESS}")
+        return "complete" if fs.exists(f"{path}/{SUCCESS}") else "partial"
     # Top level only: the job writes nothing below it, and a user's nested files are not ours.
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".parquet") or name in JOB_FILES:
             fs.rm(entry)
-    return True
+    flat.clear(config)
+    return "new"
+
+
+def input_fingerprint(listing: list[tuple[str, int, str]]) -> str:
+    """The input as a listing shows it (names, sizes, ETags or mtimes): a change means new work."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
 
 
 def apply_limits(config: JobConfig) -> None:
-    """Ray Data's guards against a job that hangs instead of failing (set on the driver)."""
+    """Ray Data's guards against a job that hangs or dies for nothing (set on the driver)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     # No operator making progress for this long (an actor pool that can never be placed, a read
     # that hangs) fails the job with Ray Data's own message, which names the stalled operators.
-    # Ray Data turns the guard off for pipelines with all-to-all operators: the grouped layout
-    # has none (the read stage sizes its own blocks; no repartition), the flat layout's shuffle is one.
+    # Ray Data turns the guard off for pipelines with all-to-all operators: the scoring pass has
+    # none (the read stage sizes its own blocks; no repartition), the flat layout's regroup pass does.
     ctx.execution_no_progress_timeout_s = config.runtime.stall_timeout_s
     # Data problems are rows with errors, never failed blocks: a failed block is a bug.
     ctx.max_errored_blocks = 0
+    # An actor whose constructor fails (a throttled model download, a bad GPU) is replaced instead
+    # of failing the job; only this many failures in a row, with no actor starting, end it.
+    ctx.max_consecutive_actor_init_deaths = config.runtime.max_actor_start_failures
+
+
+class ActorStartError(RuntimeError):
+    """A stage's actors could not start at all; the message carries the actors' own error."""
+
+
+def _actor_start_failure(exc: BaseException) -> ActorStartError | None:
+    """The actors' start-up error behind a failed execution, when that is what ended it."""
+    import ray
+
+    from visualprm_ray.storage import redact
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ray.exceptions.ActorDiedError) and "creation task" in str(seen):
+            lines = [line.strip() for line in str(seen).splitlines() if line.strip()]
+            return ActorStartError(f"the job's actors could not start: {redact(lines[-1])}")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     """Run a scoring job to completion and return its manifest.
 
     Raises :class:`JobCheckError` (after writing the manifest, without ``_SUCCESS``) when the
-    output does not hold every input candidate exactly once.
+    output does not hold every input candidate exactly once, :class:`ResumeConflict` when the
+    output holds a run with another model or other scoring settings, and :class:`ActorStartError`
+    when a stage's actors cannot start at all.
     """
     import pyarrow.parquet  # noqa: F401 - fail early if the Parquet support is missing
+
+    from visualprm_ray.job.resume import check_job_record, job_record
+    from visualprm_ray.model.source import model_identity
+    from visualprm_ray.storage import fsspec_filesystem, list_files, redact
+
+    started = time.time()
+    # Before Ray starts: what the model is (pinned for the whole job) and what the input is.
+    identity = model_identity(config.model.source, storage=config.storage, cache_dir=config.model.cache_dir)
+    listing = list_files(config.input.uri, config.storage, detail=True)
+    fingerprint = input_fingerprint(listing)
+    state = prepare_output(config)
+    fs, path = fsspec_filesystem(config.output.uri, config.storage)
+    if state != "new":
+        # Another model or other settings than the run the output holds: refused before Ray starts.
+        check_job_record(config, job_record(config, identity), write=False)
+    if state == "complete":
+        # A finished run is a no-op only when nothing that matters changed: a changed setting or
+        # model was refused above, a changed input is scored like an unfinished run.
+        earlier = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+        if earlier.get("input", {}).get("fingerprint") == fingerprint:
+            emit(
+                f"[visualprm-ray] {redact(config.output.uri)} already holds a complete run of this input "
+                f"with these settings ({SUCCESS}); nothing to do"
+            )
+            return earlier
+        emit(
+            f"[visualprm-ray] the input changed since the complete run in {redact(config.output.uri)}: "
+            "scoring what it does not hold yet"
+        )
+        fs.rm(f"{path}/{SUCCESS}")
+    return _run(config, identity, [uri for uri, _, _ in listing], fingerprint, started, emit)
+
+
+def _run(
+    config: JobConfig, identity, uris: list[str], fingerprint: str, started: float, emit
+) -> dict[str, Any]:
     import ray
 
+    from visualprm_ray.job import flat
     from visualprm_ray.job.journal import start_journal
     from visualprm_ray.job.pipeline import build_dataset
     from visualprm_ray.job.progress import ProgressPrinter
     from visualprm_ray.job.resume import check_job_record, job_record, scan_committed
     from visualprm_ray.storage import fsspec_filesystem, pyarrow_filesystem, redact
 
-    started = time.time()
-    if not prepare_output(config):  # before Ray starts: a finished job costs nothing to rerun
-        emit(
-            f"[visualprm-ray] {redact(config.output.uri)} already holds a complete run ({SUCCESS}); nothing to do"
-        )
-        fs, path = fsspec_filesystem(config.output.uri, config.storage)
-        return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
     init_ray(config)
     apply_limits(config)
-    plan = plan_read(config)
+    plan = plan_read(config, uris)
     resources = plan_resources(config)
-    counts, files = count_input(config, plan)
-    fingerprint = model_fingerprint(config)
-    check_job_record(config, job_record(config, fingerprint))
+    counts = count_input(config, plan)
+    check_job_record(config, job_record(config, identity))
     committed = scan_committed(config) if config.output.mode == "resume" else Committed()
     threads = (
         f" ({resources.cpu_threads_per_scorer} thread(s) each)" if resources.cpu_threads_per_scorer else ""
@@ -180,11 +222,15 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
             f"already committed in {len(committed.files)} file(s); skipped. Removed "
             f"{len(committed.removed)} torn or duplicate file(s)."
         )
+    score_plan = plan
+    if plan.layout == "flat":
+        score_plan, counts.groups_in = flat.regrouped_plan(config, plan, emit=emit)
     suffix = uuid.uuid4().hex[:8]
     progress_name, journal_name = f"visualprm-progress-{suffix}", f"visualprm-journal-{suffix}"
     journal = start_journal(journal_name)
     skip_ids = ray.put(committed.id_array()) if committed.ids else None
     out_fs, out_path = pyarrow_filesystem(config.output.uri, config.storage)
+    final: dict[str, float] = {}
     try:
         with ProgressPrinter(
             progress_name,
@@ -192,22 +238,29 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
             total=counts.candidates_in - committed.candidates,
             emit=emit,
         ) as progress:
-            ds = build_dataset(
-                config,
-                plan,
-                resources,
-                files,
-                progress=progress_name,
-                journal=journal_name,
-                skip_ids=skip_ids,
-            )
-            compression = None if config.output.compression == "none" else config.output.compression
-            ds.write_parquet(
-                out_path,
-                filesystem=out_fs,
-                min_rows_per_file=config.output.min_rows_per_file,
-                compression=compression,
-            )
+            if score_plan.files:
+                ds = build_dataset(
+                    config,
+                    score_plan,
+                    resources,
+                    model_identity=identity,
+                    progress=progress_name,
+                    journal=journal_name,
+                    skip_ids=skip_ids,
+                )
+                compression = None if config.output.compression == "none" else config.output.compression
+                try:
+                    ds.write_parquet(
+                        out_path,
+                        filesystem=out_fs,
+                        min_rows_per_file=config.output.min_rows_per_file,
+                        compression=compression,
+                    )
+                except Exception as exc:
+                    failure = _actor_start_failure(exc)
+                    if failure is None:
+                        raise
+                    raise failure from exc
             final = progress.snapshot()
     finally:
         ray.kill(journal)
@@ -219,9 +272,14 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
         "status": "complete" if not problems else "failed_check",
         "problems": problems,
         "config": config.redacted_dict(),
-        "model": {"source": redact(config.model.source), "weights_fingerprint": fingerprint},
+        "model": {
+            "source": redact(config.model.source),
+            "identity": identity.digest,
+            "identity_kind": identity.kind,
+            "revision": identity.revision,
+        },
         "layout": plan.layout,
-        "input_files": [redact(f) for f in plan.files],
+        "input": {"fingerprint": fingerprint, "files": [redact(f) for f in plan.uris]},
         "resources": resources.__dict__,
         "counts": counts.__dict__,
         "resume": {
@@ -259,11 +317,12 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     # Written last: readers of a finished run wait for this marker.
     with fs.open(f"{path}/{SUCCESS}", "w") as f:
         f.write("")
+    flat.clear(config)  # the regrouped rows served this run; a rerun with a changed input regroups anew
     by_kind = ", ".join(f"{k} {v}" for k, v in sorted(counts.errors_by_kind.items()))
     emit(
         f"[visualprm-ray] done in {elapsed:.1f}s: {summary}"
         + (f" [{by_kind}]" if by_kind else "")
         + (f", {counts.empty_groups} group(s) without candidates" if counts.empty_groups else "")
-        + f"; {counts.rows_out} rows written ({counts.scored / elapsed:.2f} rows/s) -> {redact(config.output.uri)}"
+        + f"; {counts.rows_out} rows written ({counts.scored / max(elapsed, 1e-9):.2f} rows/s) -> {redact(config.output.uri)}"
     )
     return manifest

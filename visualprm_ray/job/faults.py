@@ -10,8 +10,12 @@ runtime environment, so a test can set it before starting a job on an already ru
 
 - ``kill_on``: group ids; the scoring actor SIGKILLs itself when about to score a set of groups
   that contains one of them;
+- ``prepare_kill_on``: the same for the preparation actors, about to prepare such a group;
 - ``kill_times``: how many times per id (default 1; -1 for every time, a poison row);
-- ``state_dir``: a directory where the kills are counted (the actor's memory dies with it);
+- ``fail_start``: ``{"prepare": n, "score": n}``: the first n constructions of that stage's
+  actors raise, as a model download that keeps failing or a bad GPU would;
+- ``state_dir``: a directory where the kills and failed starts are counted (an actor's memory
+  dies with it);
 - ``oom_over_tokens``: make every language-model forward that attends over more than this many
   tokens (each row's or packed candidate's new tokens plus the prefix it attends to) raise
   ``torch.OutOfMemoryError``, as a GPU would.
@@ -32,30 +36,57 @@ ENV = "VISUALPRM_FAULTS"
 @dataclass(frozen=True)
 class FaultPlan:
     kill_on: list[str] = field(default_factory=list)
+    prepare_kill_on: list[str] = field(default_factory=list)
     kill_times: int = 1
+    fail_start: dict[str, int] = field(default_factory=dict)
     state_dir: str | None = None
     oom_over_tokens: int | None = None
 
-    def kills_so_far(self, group_id: str) -> int:
-        log = self._log(group_id)
+    def kills_so_far(self, group_id: str, stage: str = "score") -> int:
+        return self._count(self._log(group_id, stage))
+
+    def _count(self, log: Path) -> int:
         return len(log.read_text().splitlines()) if log.exists() else 0
 
-    def _log(self, group_id: str) -> Path:
+    def _log(self, group_id: str, stage: str = "score") -> Path:
         if self.state_dir is None:
-            raise ValueError(f"{ENV}: kill_on needs a state_dir to count kills in")
+            raise ValueError(f"{ENV}: kills and failed starts need a state_dir to be counted in")
         safe = "".join(c if c.isalnum() else "_" for c in group_id)
-        return Path(self.state_dir) / f"kills-{safe}.log"
+        prefix = "kills" if stage == "score" else f"{stage}-kills"
+        return Path(self.state_dir) / f"{prefix}-{safe}.log"
+
+    def _note(self, log: Path) -> None:
+        with log.open("a") as f:
+            f.write(f"{os.getpid()}\n")
 
     def before_score(self, ids: list[str]) -> None:
         """Kill this process if the plan says so for one of ``ids``."""
+        self._maybe_kill(ids, self.kill_on, "score")
+
+    def before_prepare(self, ids: list[str]) -> None:
+        self._maybe_kill(ids, self.prepare_kill_on, "prepare")
+
+    def _maybe_kill(self, ids: list[str], targets: list[str], stage: str) -> None:
         for group_id in ids:
-            if group_id not in self.kill_on:
+            if group_id not in targets:
                 continue
-            if self.kill_times >= 0 and self.kills_so_far(group_id) >= self.kill_times:
+            if self.kill_times >= 0 and self.kills_so_far(group_id, stage) >= self.kill_times:
                 continue
-            with self._log(group_id).open("a") as f:
-                f.write(f"{os.getpid()}\n")
+            self._note(self._log(group_id, stage))
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_start(self, stage: str) -> None:
+        """Raise if this stage's actors are still to fail their start."""
+        times = self.fail_start.get(stage, 0)
+        if not times:
+            return
+        if self.state_dir is None:
+            raise ValueError(f"{ENV}: fail_start needs a state_dir to count failed starts in")
+        log = Path(self.state_dir) / f"start-{stage}.log"
+        if times >= 0 and self._count(log) >= times:
+            return
+        self._note(log)
+        raise RuntimeError(f"simulated start-up failure of a {stage} actor ({ENV})")
 
 
 def active_plan() -> FaultPlan | None:

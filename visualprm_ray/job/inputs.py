@@ -1,34 +1,34 @@
-"""The input as the driver sees it: the files, their schema and row groups, the layout.
+"""The input as the driver sees it: the files, their schemas and row groups, the layout.
 
-The driver plans the read before any Ray work starts (:func:`plan_read`); the read stage
-(:mod:`visualprm_ray.job.stages.read`) then cuts its tasks from the row groups of
-:class:`InputFile` and reads the columns the plan names. Nothing here needs Ray.
+The driver plans the read before any Ray work starts (:func:`plan_read`): it lists the input,
+reads **every** file's footer (many at once), and refuses a job whose files disagree on the columns
+it reads (:class:`InputSchemaError`, naming the file and the difference). pyarrow would otherwise
+skip a column a file lacks without a word, and a later file with its image column renamed would be
+scored as text-only. The read stage (:mod:`visualprm_ray.job.stages.read`) then cuts its tasks from
+the row groups of :class:`InputFile` and casts every block to :attr:`ReadPlan.schema`. Nothing here
+needs Ray.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow as pa
 
 if TYPE_CHECKING:
+    import pyarrow.fs
     import pyarrow.parquet as pq
 
     from visualprm_ray.job.config import JobConfig
 
+# Footers are small and object stores answer many requests at once: the driver reads this many at a time.
+FOOTER_THREADS = 32
 
-@dataclass(frozen=True)
-class ReadPlan:
-    """What the read stage decided from the input's schema; later stages need it to shape the output."""
 
-    files: list[str]
-    layout: Literal["grouped", "flat"]
-    passthrough: list[pa.Field]  # output types of the passthrough columns
-    has_id: bool
-    has_steps: bool
-    has_candidate_index: bool  # flat layout: an input column that orders the candidates
-    schema: pa.Schema  # of the first file; the others are expected to match
+class InputSchemaError(ValueError):
+    """Input files that disagree on the columns the job reads; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -38,25 +38,131 @@ class InputFile:
     path: str  # on the input's pyarrow filesystem
     row_group_rows: tuple[int, ...]
     row_group_bytes: tuple[int, ...]  # uncompressed, all columns (an upper bound for a projection)
+    relpath: str = ""  # relative to the input root: the prefix of the ids derived for its rows
+    # Uncompressed bytes of each top-level column, summed over the row groups.
+    column_bytes: tuple[tuple[str, int], ...] = ()
 
     @classmethod
-    def from_metadata(cls, path: str, metadata: pq.FileMetaData) -> InputFile:
+    def from_metadata(cls, path: str, metadata: pq.FileMetaData, relpath: str = "") -> InputFile:
         groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
-        return cls(path, tuple(g.num_rows for g in groups), tuple(g.total_byte_size for g in groups))
+        sizes: dict[str, int] = {}
+        for g in groups:
+            for c in range(g.num_columns):
+                chunk = g.column(c)
+                name = chunk.path_in_schema.split(".", 1)[0]
+                sizes[name] = sizes.get(name, 0) + chunk.total_uncompressed_size
+        return cls(
+            path,
+            tuple(g.num_rows for g in groups),
+            tuple(g.total_byte_size for g in groups),
+            relpath or path.rsplit("/", 1)[-1],
+            tuple(sorted(sizes.items())),
+        )
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_group_rows)
 
 
-def plan_read(config: JobConfig) -> ReadPlan:
+@dataclass(frozen=True)
+class ReadPlan:
+    """What the driver decided from the input's schemas; the read stage and the writer follow it."""
+
+    uris: list[str]  # the input files, in order (full URIs)
+    files: list[InputFile]  # the same files' footers, in the same order
+    layout: Literal["grouped", "flat"]
+    passthrough: list[pa.Field]  # output types of the passthrough columns
+    has_id: bool
+    has_steps: bool
+    candidate_index_column: str | None  # flat layout: the input column that orders the candidates
+    schema: pa.Schema  # every column the read stage reads, in the types every block is cast to
+    # The files hold group rows under the job's internal column names (a regrouped flat input).
+    internal: bool = False
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.names
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+
+def _normal(t: pa.DataType) -> pa.DataType:
+    """One type per family: large and view variants are the same data to the job."""
+    if pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_large_list(t) or pa.types.is_list_view(t) or pa.types.is_large_list_view(t):
+        return pa.list_(_normal(t.value_type))
+    if pa.types.is_list(t):
+        return pa.list_(_normal(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _normal(f.type)) for f in t])
+    return t
+
+
+def _compatible(a: pa.DataType, b: pa.DataType) -> bool:
+    # An all-null column written by a tool that could not infer its type is every type.
+    return pa.types.is_null(a) or pa.types.is_null(b) or _normal(a) == _normal(b)
+
+
+def _read_footer(uri: str, config: JobConfig) -> tuple[pq.FileMetaData, pa.Schema]:
     import pyarrow.parquet as pq
 
-    from visualprm_ray.storage import list_files, pyarrow_filesystem
+    from visualprm_ray.storage import pyarrow_filesystem, redact, with_retries
 
-    files = list_files(config.input.uri, config.storage)
-    if not files:
+    fs, path = pyarrow_filesystem(uri, config.storage)
+
+    def read() -> tuple[pq.FileMetaData, pa.Schema]:
+        with pq.ParquetFile(path, filesystem=fs) as parquet:
+            return parquet.metadata, parquet.schema_arrow
+
+    return with_retries(read, what=f"reading the footer of {redact(uri)}", retries=config.storage.retries)
+
+
+def read_footers(uris: list[str], config: JobConfig) -> list[tuple[pq.FileMetaData, pa.Schema]]:
+    """Every file's footer, :data:`FOOTER_THREADS` at a time (in order)."""
+    if len(uris) <= 1:
+        return [_read_footer(u, config) for u in uris]
+    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(uris))) as pool:
+        return list(pool.map(lambda u: _read_footer(u, config), uris))
+
+
+def relative_names(input_uri: str, uris: list[str]) -> list[str]:
+    """Each file's path relative to the input root (a directory, a glob's fixed part, or a file's folder)."""
+    from visualprm_ray.storage import split_uri
+
+    protocol, root = split_uri(input_uri)
+    if protocol == "file":
+        import os
+
+        root = os.path.abspath(os.path.expanduser(root))
+    for ch in ("*", "?", "["):
+        if ch in root:
+            root = root[: root.rfind("/", 0, root.index(ch))]
+    root = root.rstrip("/")
+    out = []
+    for uri in uris:
+        path = split_uri(uri)[1]
+        out.append(path[len(root) + 1 :] if path.startswith(root + "/") else path.rsplit("/", 1)[-1])
+    return out
+
+
+def plan_read(config: JobConfig, uris: list[str] | None = None) -> ReadPlan:
+    """List the input (unless the driver did: ``uris``), read every footer, decide the layout and
+    the columns, check every file."""
+    from visualprm_ray.storage import list_files
+
+    if uris is None:
+        uris = list_files(config.input.uri, config.storage)
+    if not uris:
         raise FileNotFoundError(f"no Parquet files under {config.input.uri}")
-    fs, path = pyarrow_filesystem(files[0], config.storage)
-    schema = pq.read_schema(path, filesystem=fs)
+    footers = read_footers(uris, config)
+    first = footers[0][1]
     inp = config.input
-    names = set(schema.names)
+    names = set(first.names)
     layout = inp.layout
     if layout == "auto":
         layout = "grouped" if inp.responses_column in names else "flat"
@@ -65,9 +171,13 @@ def plan_read(config: JobConfig) -> ReadPlan:
         required.append(inp.id_column)  # the group key cannot be derived for flat rows
     missing = [c for c in required if c not in names]
     if missing:
-        raise ValueError(
-            f"input lacks column(s) {missing} needed by the {layout} layout; columns: {schema.names}"
+        raise InputSchemaError(
+            f"input lacks column(s) {missing} needed by the {layout} layout; columns: {first.names}"
         )
+    index_column = inp.candidate_index_column if layout == "flat" else None
+    if index_column is not None and index_column not in names:
+        index_column = None
+    optional = [inp.id_column, inp.image_column, inp.steps_column, *([index_column] if index_column else [])]
     known = {
         inp.id_column,
         inp.question_column,
@@ -76,36 +186,101 @@ def plan_read(config: JobConfig) -> ReadPlan:
         inp.response_column,
         inp.steps_column,
     }
-    has_candidate_index = layout == "flat" and "candidate_index" in names
-    if has_candidate_index:
-        known.add("candidate_index")
+    if layout == "flat" and inp.candidate_index_column:
+        known.add(inp.candidate_index_column)  # never passed through: it is the output's own column
     if inp.passthrough == "all":
-        chosen = [n for n in schema.names if n not in known]
+        chosen = [n for n in first.names if n not in known]
     elif inp.passthrough == "none":
         chosen = []
     else:
         absent = [n for n in inp.passthrough if n not in names]
         if absent:
-            raise ValueError(f"passthrough column(s) {absent} are not in the input")
+            raise InputSchemaError(f"passthrough column(s) {absent} are not in the input")
         chosen = [n for n in inp.passthrough if n not in known]
+    from visualprm_ray.schema import RESERVED
+
+    clash = [n for n in chosen if n in RESERVED]
+    if clash:
+        raise InputSchemaError(
+            f"input column(s) {clash} would be passed through under the name of an output column; "
+            "list the columns to pass through (input.passthrough) or rename them in the input"
+        )
     if inp.keep_image_bytes and inp.image_column in names:
         chosen.append(inp.image_column)
     # Binary columns are image payloads in practice: dropped unless asked for.
     passthrough = [
-        schema.field(n)
+        first.field(n)
         for n in chosen
         if inp.keep_image_bytes
-        or (
-            not pa.types.is_binary(schema.field(n).type)
-            and not pa.types.is_large_binary(schema.field(n).type)
-        )
+        or (not pa.types.is_binary(first.field(n).type) and not pa.types.is_large_binary(first.field(n).type))
     ]
+    read = list(
+        dict.fromkeys([*required, *(c for c in optional if c in names), *(f.name for f in passthrough)])
+    )
+    schema = pa.schema([pa.field(c, _normal(first.field(c).type)) for c in read])
+    relpaths = relative_names(inp.uri, uris)
+    files = []
+    for uri, relpath, (metadata, file_schema) in zip(uris, relpaths, footers, strict=True):
+        _check_file(
+            uri, file_schema, first, schema, optional, chosen_all=inp.passthrough == "all", known=known
+        )
+        files.append(InputFile.from_metadata(fs_path(uri), metadata, relpath))
     return ReadPlan(
+        uris=uris,
         files=files,
         layout=layout,
-        passthrough=passthrough,
+        passthrough=[pa.field(f.name, _normal(f.type)) for f in passthrough],
         has_id=inp.id_column in names,
         has_steps=inp.steps_column in names,
-        has_candidate_index=has_candidate_index,
+        candidate_index_column=index_column,
         schema=schema,
     )
+
+
+def fs_path(uri: str) -> str:
+    """The path of a listed file on the input's pyarrow filesystem (as ``pyarrow_filesystem`` gives it)."""
+    import os
+
+    from visualprm_ray.storage import split_uri
+
+    protocol, path = split_uri(uri)
+    return os.path.abspath(path) if protocol == "file" else path.rstrip("/")
+
+
+def _check_file(
+    uri: str,
+    schema: pa.Schema,
+    first: pa.Schema,
+    read: pa.Schema,
+    optional: list[str],
+    *,
+    chosen_all: bool,
+    known: set[str],
+) -> None:
+    """Refuse a file whose columns differ from the first file's in a way the job would act on."""
+    from visualprm_ray.storage import redact
+
+    names = set(schema.names)
+    problems = []
+    absent = [f.name for f in read if f.name not in names]
+    if absent:
+        problems.append(f"lacks column(s) {absent}")
+    extra = [c for c in optional if c in names and c not in first.names]
+    if extra:
+        problems.append(f"has column(s) {extra} that the first file lacks")
+    if chosen_all:
+        new = [n for n in schema.names if n not in first.names and n not in known]
+        if new:
+            problems.append(
+                f"has column(s) {new} that the first file lacks (passthrough 'all' follows the first file)"
+            )
+    for field in read:
+        if field.name in names and not _compatible(schema.field(field.name).type, field.type):
+            problems.append(
+                f"column {field.name!r} is {schema.field(field.name).type}, the first file's is {field.type}"
+            )
+    if problems:
+        raise InputSchemaError(
+            f"input file {redact(uri)} does not match the first file ({'; '.join(problems)}); every file "
+            "of one job must hold the same columns in the same types"
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from visualprm_ray.job.inputs import InputFile, ReadPlan
+from visualprm_ray.job.inputs import ReadPlan
 from visualprm_ray.job.layout import Resources
 from visualprm_ray.job.stages.aggregate import aggregate
 from visualprm_ray.job.stages.prepare import PrepareStage
@@ -18,21 +18,22 @@ from visualprm_ray.job.stages.write import ExplodeToCandidates
 
 if TYPE_CHECKING:
     from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.model.source import ModelIdentity
 
 
 def build_dataset(
     config: JobConfig,
     plan: ReadPlan,
     resources: Resources,
-    files: list[InputFile],
     *,
+    model_identity: ModelIdentity | None = None,
     progress: str | None = None,
     journal: str | None = None,
     skip_ids=None,
 ):
     """The lazy dataset of output rows (candidate rows in the output schema).
 
-    ``files`` are the input files with their row groups, from :func:`count_input`;
+    ``model_identity`` pins the model: every actor refuses to load anything else;
     ``journal`` names the crash journal actor (poison-row isolation, :mod:`visualprm_ray.job.journal`);
     ``skip_ids`` is an object-store reference to the ids already committed (resume).
     """
@@ -42,23 +43,36 @@ def build_dataset(
 
     rt = config.runtime
     fault_env = faults.forwarded_env()
-    rows = sum(sum(f.row_group_rows) for f in files)
+    # Test-only fault injection travels to the actors only when the driver has it set.
+    runtime_env = {"env_vars": fault_env} if fault_env else None
+    pinned = model_identity.to_dict() if model_identity is not None else None
     ds = read_groups(
-        config, plan, files, rows_per_block=rows_per_block(config, plan, rows), skip_ids=skip_ids
+        config, plan, rows_per_block=rows_per_block(config, plan, plan.num_rows), skip_ids=skip_ids
     )
+    # Ray Data restarts a dead actor and retries its batch without limit (max_restarts and
+    # max_task_retries -1, its defaults for actor pools: a lost node or a preemption never fails
+    # the job); the journal bounds what a poison group can cost (:mod:`visualprm_ray.job.journal`).
     ds = ds.map_batches(
         PrepareStage,
-        fn_constructor_kwargs={"config": config, "model_dir": config.model.source, "progress": progress},
+        fn_constructor_kwargs={
+            "config": config,
+            "model_dir": config.model.source,
+            "model_identity": pinned,
+            "progress": progress,
+            "journal": journal,
+        },
         compute=ActorPoolStrategy(min_size=1, max_size=resources.num_preparers),
         num_cpus=rt.cpus_per_preparer,
         batch_size=rt.groups_per_batch,
         batch_format="pyarrow",
+        runtime_env=runtime_env,
     )
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_kwargs={
             "config": config,
             "model_dir": config.model.source,
+            "model_identity": pinned,
             "device": resources.device,
             "cpu_threads": resources.cpu_threads_per_scorer,
             "progress": progress,
@@ -69,12 +83,7 @@ def build_dataset(
         num_gpus=resources.gpus_per_scorer,
         batch_size=rt.groups_per_batch,
         batch_format="pyarrow",
-        # A dead actor is restarted by Ray (max_restarts=-1 in Ray Data) and its batch retried.
-        # Poison groups need up to max_crashes retries each before the journal records them,
-        # on top of the retries kept for ordinary failures (a lost node, a preemption).
-        max_task_retries=rt.max_task_retries + rt.groups_per_batch * rt.max_crashes_per_group,
-        # Test-only fault injection travels to the actors only when the driver has it set.
-        **({"runtime_env": {"env_vars": fault_env}} if fault_env else {}),
+        runtime_env=runtime_env,
     )
     ds = ds.map_batches(aggregate, batch_format="pyarrow")
     # An instance (not the class): a plain function for Ray, fused into the write task.
@@ -84,18 +93,16 @@ def build_dataset(
 # A block never holds more than this many batches' worth of groups: a stage hands a block on only
 # once all of it is done, so bigger blocks add memory and latency and nothing else.
 MAX_BATCHES_PER_BLOCK = 4
-# Flat rows are candidates (regrouped by a shuffle afterwards): this many per group, roughly.
-_FLAT_ROWS_PER_GROUP = 16
 
 
 def rows_per_block(config: JobConfig, plan: ReadPlan, input_rows: int) -> int:
-    """Input rows per block.
+    """Group rows per block (a flat input is read here as its regrouped group rows).
 
     One batch of groups by default: the first groups reach the scorer as soon as one batch is
     prepared, and a small input is still spread over every actor. ``input.num_blocks`` spreads
     the input over that many blocks instead, up to :data:`MAX_BATCHES_PER_BLOCK` batches each.
     """
-    batch = config.runtime.groups_per_batch * (_FLAT_ROWS_PER_GROUP if plan.layout == "flat" else 1)
+    batch = config.runtime.groups_per_batch
     if config.input.num_blocks is None:
         return batch
     return max(1, min(-(-input_rows // config.input.num_blocks), MAX_BATCHES_PER_BLOCK * batch))

@@ -13,12 +13,12 @@ a torn file (the writer was killed) fails to open. So on resume:
 3. the ids of the groups in the remaining files are skipped by the read stage.
 
 This keys on the group ``id``: the input's id column, or for inputs without one an id derived from
-the file name and the row's content (see ``stages.read``). If the input changes between runs,
+the file path and the row's position (see ``stages.read``). If the input changes between runs,
 groups with new ids are scored and groups already committed stay as they are; the final count
 check then compares the output with the *current* input and fails the job if they disagree
-(e.g. rows removed from the input). The model and the scoring settings may not change: the
-first attempt records them in ``_job.json`` and a resume under different ones is refused
-(``output.mode: overwrite`` / ``--fresh`` starts over).
+(e.g. rows removed from the input). The model (by content) and the scoring settings may not
+change: the first attempt records them in ``_job.json`` and a resume under different ones is
+refused, naming each changed key (``output.mode: overwrite`` / ``--fresh`` starts over).
 
 Ray Data's own ``CheckpointConfig`` (beta) gives the same guarantee when a group's rows stay in
 one write task, but deletes its checkpoint on success (a rerun of a finished job then writes
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.model.source import ModelIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -123,40 +124,76 @@ def scan_committed(config: JobConfig, *, delete: bool = True) -> Committed:
     return committed
 
 
-def job_record(config: JobConfig, weights_fingerprint: str) -> dict[str, Any]:
-    """What must not change between the attempts of one output: the model and how it scores."""
-    # Throughput knobs (budget, batch sizes, attention layout) leave the scores as they are and
-    # may be retuned between attempts, e.g. a smaller token budget after running out of memory.
-    speed = {"token_budget", "vision_batch", "prefix_mode"}
-    return {
-        "weights_fingerprint": weights_fingerprint,
-        "scoring": config.scoring.model_dump(mode="json", exclude=speed),
-        "images": config.images.model_dump(mode="json"),
-        "system_message": config.model.system_message,
-        "dtype": config.model.dtype,
-    }
+# What the scores depend on besides the model: a resume under any other value is refused. Throughput
+# knobs (budget, batch sizes, attention layout and kernel) leave the scores as they are and may be
+# retuned between attempts, e.g. a smaller token budget after running out of memory.
+_RECORDED = {
+    "input": (
+        "layout",
+        "id_column",
+        "question_column",
+        "image_column",
+        "responses_column",
+        "response_column",
+        "steps_column",
+        "candidate_index_column",
+    ),
+    "images": ("root", "max_tiles", "max_pixels", "max_bytes"),
+    "model": ("dtype", "system_message", "tokenizer"),
+    "scoring": ("max_steps", "context_policy", "max_context", "threshold"),
+}
+
+
+def job_record(config: JobConfig, model: ModelIdentity) -> dict[str, Any]:
+    """What must not change between the attempts of one output: the model's content and how it
+    scores, as ``{"section.key": value}`` so that a refusal can name what changed."""
+    record: dict[str, Any] = {"model.identity": model.digest}
+    for section, keys in _RECORDED.items():
+        values = getattr(config, section).model_dump(mode="json")
+        record.update({f"{section}.{key}": values[key] for key in keys})
+    return record
+
+
+def record_changes(earlier: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every recorded key whose value differs (missing keys included)."""
+    keys = sorted(set(earlier) | set(record))
+    missing = object()
+    out = []
+    for key in keys:
+        old, new = earlier.get(key, missing), record.get(key, missing)
+        if old != new:
+            show = ["(not recorded)" if v is missing else json.dumps(v) for v in (old, new)]
+            out.append(f"{key}: {_clip(show[0])} -> {_clip(show[1])}")
+    return out
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class ResumeConflict(RuntimeError):
     """The output holds part of a run made with another model or other scoring settings."""
 
 
-def check_job_record(config: JobConfig, record: dict[str, Any]) -> None:
-    """Write the job record on a first attempt; on a resume, refuse a different job."""
+def check_job_record(config: JobConfig, record: dict[str, Any], *, write: bool = True) -> None:
+    """On a resume, refuse a different job; on a first attempt, write the job record (``write``)."""
     from visualprm_ray.storage import fsspec_filesystem, redact
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
     target = f"{path.rstrip('/')}/{JOB_RECORD}"
     if fs.exists(target):
         earlier = json.loads(fs.cat_file(target))
-        changed = sorted(k for k in record if earlier.get(k) != record[k])
+        changed = record_changes(earlier.get("record", earlier), record)
         if changed:
             raise ResumeConflict(
-                f"{redact(config.output.uri)} holds part of a run with different {', '.join(changed)}; "
+                f"{redact(config.output.uri)} holds a run with other settings ({'; '.join(changed)}); "
                 "resuming would mix two jobs in one table. Use --fresh (output.mode: overwrite) to "
                 "start over, or write to another output."
             )
         return
+    if not write:
+        return
     fs.makedirs(path, exist_ok=True)
     with fs.open(target, "w") as f:
-        json.dump(record, f, indent=2)
+        # The source is kept for people reading the record; only the identity is compared.
+        json.dump({"record": record, "model_source": redact(config.model.source)}, f, indent=2)

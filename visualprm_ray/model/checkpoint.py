@@ -10,7 +10,6 @@ text model: InternLM2 is Llama math under other names, plus fused ``wqkv`` (grou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -268,22 +267,6 @@ def iter_upstream_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 yield name, f.get_tensor(name)
-
-
-def weights_fingerprint(directory: str | Path) -> str:
-    """A cheap, stable identity of a checkpoint's weights: sha256 over file names, sizes and headers.
-
-    Hashing 16 GB of weights per actor would cost minutes; the safetensors header holds every
-    tensor's name, dtype, shape and offsets, which changes whenever the weights are re-saved.
-    """
-    h = hashlib.sha256()
-    for path in safetensors_files(Path(directory)):
-        with path.open("rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            h.update(path.name.encode())
-            h.update(str(path.stat().st_size).encode())
-            h.update(f.read(header_len))
-    return h.hexdigest()
 
 
 def parameter_count(read_range: Callable[[str, int, int], bytes], files: list[str]) -> int:

@@ -454,13 +454,13 @@ def _run_section(run: Run, summary: Summary) -> str:
     def num(v: Any, unit: str = "") -> str:
         return f"{v:,.2f}{unit}" if isinstance(v, (int, float)) else "–"
 
-    fingerprint = str(model.get("weights_fingerprint") or "–")
+    fingerprint = str(model.get("identity") or "–")
     run_rows = [
         ("model", f"<code>{_e(model.get('source', '–'))}</code>"),
-        ("weights fingerprint", f'<code title="{_e(fingerprint)}">{_e(fingerprint[:16])}</code>'),
+        ("model identity", f'<code title="{_e(fingerprint)}">{_e(fingerprint[:23])}</code>'),
         ("status", _e(m.get("status", "–"))),
         ("layout", _e(m.get("layout", "–"))),
-        ("input files", _fmt(len(m.get("input_files") or []))),
+        ("input files", _fmt(len((m.get("input") or {}).get("files") or []))),
         ("output files", _fmt(len(run.files))),
         ("started", _when(timings.get("started"))),
         ("finished", _when(timings.get("finished"))),
@@ -492,14 +492,15 @@ def _run_section(run: Run, summary: Summary) -> str:
     ]
     counts_html = _table(["", "manifest", "this table"], count_rows, numeric={1, 2})
     version_html = " · ".join(f"{_e(k)} <code>{_e(v)}</code>" for k, v in versions.items())
-    files = "\n".join(str(f) for f in m.get("input_files") or [])
+    input_files = (m.get("input") or {}).get("files") or []
+    files = "\n".join(str(f) for f in input_files)
     return (
         '<section id="run"><h2>Run</h2><div class="cols">'
         f"<div><h3>Model and layout</h3>{kv(run_rows)}</div>"
         f"<div><h3>Throughput</h3>{kv(timing_rows)}<h3>Counts</h3>{counts_html}</div></div>"
         f'<p class="note">{version_html}</p>'
         f'<details class="raw"><summary>Resolved config</summary><pre>{_e(json.dumps(m.get("config"), indent=2, default=str))}</pre></details>'
-        f'<details class="raw"><summary>Input files ({len(m.get("input_files") or [])})</summary><pre>{_e(files)}</pre></details>'
+        f'<details class="raw"><summary>Input files ({len(input_files)})</summary><pre>{_e(files)}</pre></details>'
         f'<details class="raw"><summary>Full manifest</summary><pre>{_e(json.dumps(m, indent=2, default=str))}</pre></details>'
         "</section>"
     )

@@ -44,23 +44,47 @@ def test_input_file_from_the_footer(tmp_path):
     assert len(file.row_group_bytes) == 3 and all(b > 0 for b in file.row_group_bytes)
 
 
+SCHEMA = pa.schema([("id", pa.string()), ("question", pa.string())])
+
+
 def test_read_span_streams_blocks_of_the_projected_columns(tmp_path):
     file = _file(tmp_path / "a.parquet", 12, 5)
     blocks = list(
-        read_span(
-            pyarrow.fs.LocalFileSystem(),
-            file.path,
-            range(0, 3),
-            columns=["id", "question"],
-            rows_per_block=4,
-            include_paths=True,
-        )
+        read_span(pyarrow.fs.LocalFileSystem(), file.path, range(0, 3), schema=SCHEMA, rows_per_block=4)
     )
     assert all(len(b) <= 4 for b in blocks)
     table = pa.concat_tables(blocks)
-    assert table.column_names == ["id", "question", "path"]
+    assert table.column_names == ["id", "question"]
     assert table["id"].to_pylist() == [f"a-{i}" for i in range(12)]
-    assert set(table["path"].to_pylist()) == {file.path}
+
+
+def test_derived_ids_are_the_relative_path_and_the_row_position(tmp_path):
+    file = _file(tmp_path / "a.parquet", 12, 5)
+    schema = pa.schema([("question", pa.string())])
+    blocks = read_span(
+        pyarrow.fs.LocalFileSystem(),
+        file.path,
+        range(1, 3),  # from the second row group on: rows 5..11
+        schema=schema,
+        rows_per_block=4,
+        first_row=5,
+        id_prefix="day1/a.parquet",
+        file_index=7,
+    )
+    table = pa.concat_tables(list(blocks))
+    assert table["_vp_id"].to_pylist() == [f"day1/a.parquet#{i}" for i in range(5, 12)]
+    assert table["question"].to_pylist() == [f"q{i}" for i in range(5, 12)]
+    assert set(table["_vp_file"].to_pylist()) == {7} and table["_vp_row"].to_pylist() == list(range(5, 12))
+
+
+def test_blocks_are_cast_to_the_plans_types(tmp_path):
+    """A file written with large_string (polars does) reads as the plan's string."""
+    path = tmp_path / "large.parquet"
+    pq.write_table(pa.table({"id": pa.array(["x"], pa.large_string()), "question": ["q"]}), path)
+    (block,) = read_span(
+        pyarrow.fs.LocalFileSystem(), str(path), range(0, 1), schema=SCHEMA, rows_per_block=4
+    )
+    assert block.schema == SCHEMA
 
 
 def test_read_span_retries_a_transient_failure_without_repeating_rows(tmp_path):
@@ -81,9 +105,8 @@ def test_read_span_retries_a_transient_failure_without_repeating_rows(tmp_path):
         PyFileSystem(FSSpecHandler(Flaky(skip_instance_cache=True))),
         file.path,
         range(0, 3),
-        columns=["id"],
+        schema=pa.schema([("id", pa.string())]),
         rows_per_block=5,
-        include_paths=False,
         retries=3,
     )
     ids = pa.concat_tables(list(blocks))["id"].to_pylist()
@@ -91,15 +114,13 @@ def test_read_span_retries_a_transient_failure_without_repeating_rows(tmp_path):
     assert ids == [f"a-{i}" for i in range(12)]
 
 
-def _source(files, *, rows_per_block: int, include_paths: bool = False) -> InputGroups:
-    schema = pa.schema([("id", pa.string()), ("question", pa.string())])
+def _source(files, *, rows_per_block: int, derive_ids: bool = False) -> InputGroups:
     return InputGroups(
         files,
         pyarrow.fs.LocalFileSystem(),
-        columns=["id", "question"],
-        schema=schema,
+        schema=SCHEMA,
         rows_per_block=rows_per_block,
-        include_paths=include_paths,
+        derive_ids=derive_ids,
     )
 
 
@@ -117,7 +138,7 @@ def test_every_row_is_read_exactly_once(tmp_path):
 
 def test_an_empty_input_is_one_empty_block_with_the_schema(tmp_path):
     files = [_file(tmp_path / "a.parquet", 0, 5)]
-    tasks = _source(files, rows_per_block=4, include_paths=True).get_read_tasks(parallelism=4)
+    tasks = _source(files, rows_per_block=4, derive_ids=True).get_read_tasks(parallelism=4)
     assert len(tasks) == 1
     (block,) = list(tasks[0]())
-    assert len(block) == 0 and block.column_names == ["id", "question", "path"]
+    assert len(block) == 0 and block.column_names == ["id", "question", "_vp_id"]

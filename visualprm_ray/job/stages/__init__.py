@@ -1,5 +1,8 @@
 """The job's stages, one file each, in data-flow order: read -> prepare -> score -> aggregate -> write.
 
+A flat input (one row per candidate) first goes through ``regroup``, a pass of its own that writes
+group rows (:mod:`visualprm_ray.job.flat`); the scoring pass then reads those like any other.
+
 Between stages a row is one *group* (a question, its images and all its candidates), so a group's
 candidates never part ways before the write: ranks need the whole group, and the write commits a
 group's rows together. Internal columns carry the ``_vp_`` prefix so they can never collide with
@@ -12,7 +15,15 @@ IMAGE = "_vp_image"
 RESPONSES = "_vp_responses"
 STEPS = "_vp_steps"
 CANDIDATE_INDEX = "_vp_candidate_index"
+# Where a row sits in the input: the file's index in the read plan and the row's position in it.
 FILE = "_vp_file"
+ROW = "_vp_row"
+
+# Written by the flat layout's regroup pass: the input row whose image the group takes (joined
+# back after the shuffle), and why the group's candidate indices could not be used.
+IMAGE_FILE = "_vp_image_file"
+IMAGE_ROW = "_vp_image_row"
+INDEX_ERROR = "_vp_index_error"
 
 # Written by prepare, read by score.
 PREFIX = "_vp_prefix"

@@ -59,21 +59,46 @@ def image_values(value: Any) -> list[Any]:
 
 
 class PrepareStage:
-    """Callable class for ``map_batches``: one prepared row per group row."""
+    """Callable class for ``map_batches``: one prepared row per group row.
 
-    def __init__(self, config: JobConfig, model_dir: str, progress: str | None = None) -> None:
-        from visualprm_ray.model.checkpoint import load_preprocessing
-        from visualprm_ray.model.source import resolve_model_source
+    A group that kills the actor every time it is prepared (a native crash in an image decoder)
+    is isolated by the crash journal and recorded as ``preparer_crash`` (:mod:`~visualprm_ray.job.journal`).
+    """
+
+    def __init__(
+        self,
+        config: JobConfig,
+        model_dir: str,
+        model_identity: dict | None = None,
+        progress: str | None = None,
+        journal: str | None = None,
+    ) -> None:
+        from visualprm_ray.job import faults
+        from visualprm_ray.job.journal import JournalClient
+        from visualprm_ray.job.progress import ProgressReporter
+        from visualprm_ray.job.startup import start
 
         self.config = config
-        model_dir = resolve_model_source(model_dir, storage=config.storage, cache_dir=config.model.cache_dir)
-        self.tokenizer, self.info = load_preprocessing(model_dir, config.model.tokenizer)
+        self.faults = faults.active_plan()
+        start(STAGE, lambda: self._load(model_dir, model_identity))
         self.system_message = config.model.system_message or self.info.system_message
         self.max_context = config.scoring.max_context or self.info.max_context
         self.max_tiles = config.images.max_tiles or self.info.max_tiles
-        from visualprm_ray.job.progress import ProgressReporter
-
         self.progress = ProgressReporter.connect(progress) if progress else None
+        self.journal = JournalClient(journal, STAGE) if journal else None
+
+    def _load(self, model_dir: str, model_identity: dict | None) -> None:
+        from visualprm_ray.model.checkpoint import load_preprocessing
+        from visualprm_ray.model.source import ModelIdentity, resolve_model_source
+
+        if self.faults is not None:
+            self.faults.before_start(STAGE)
+        config = self.config
+        pinned = ModelIdentity.from_dict(model_identity) if model_identity else None
+        directory = resolve_model_source(
+            model_dir, storage=config.storage, cache_dir=config.model.cache_dir, pinned=pinned
+        )
+        self.tokenizer, self.info = load_preprocessing(directory, config.model.tokenizer)
 
     def _tiles(self, value: Any) -> list[np.ndarray]:
         from visualprm_ray.model.tiling import tile_image
@@ -110,13 +135,13 @@ class PrepareStage:
         except RowError as exc:
             return exc
 
-    def prepare_row(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _unprepared(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A prepared row with nothing prepared yet: every candidate without tokens or errors."""
         responses = row[col.RESPONSES]
         responses = [] if responses is None else list(responses)
         n = len(responses)
-        steps_col = row.get(col.STEPS)
         indices = row.get(col.CANDIDATE_INDEX) or list(range(n))
-        out: dict[str, Any] = {
+        return {
             col.CANDIDATE_INDEX: indices,
             col.RESPONSE_TEXT: [r if isinstance(r, str) else None for r in responses],
             col.PREFIX: [],
@@ -135,7 +160,19 @@ class PrepareStage:
             col.GROUP_ERROR_STAGE: None,
             col.GROUP_ERROR_KIND: None,
         }
+
+    def prepare_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        out = self._unprepared(row)
+        responses = [] if row[col.RESPONSES] is None else list(row[col.RESPONSES])
+        n = len(responses)
+        steps_col = row.get(col.STEPS)
         try:
+            if row.get(col.INDEX_ERROR) is not None:
+                out[col.GROUP_ERROR_STAGE] = "read"  # found while regrouping the flat rows
+                raise RowError(
+                    f"{row[col.INDEX_ERROR]}; candidates are numbered in input order instead",
+                    kind="invalid_candidate_index",
+                )
             if n == 0:
                 raise RowError(
                     "the group has no candidate responses (null or empty list)", kind="no_candidates"
@@ -160,7 +197,7 @@ class PrepareStage:
             if self.config.runtime.on_error == "raise":
                 raise
             out[col.GROUP_ERROR] = str(exc)
-            out[col.GROUP_ERROR_STAGE] = STAGE
+            out[col.GROUP_ERROR_STAGE] = out[col.GROUP_ERROR_STAGE] or STAGE
             out[col.GROUP_ERROR_KIND] = exc.kind
             return out
         if self.config.runtime.on_error == "raise":
@@ -184,6 +221,22 @@ class PrepareStage:
                 out[col.CANDIDATE_ERROR_KIND][k] = error.kind
         return out
 
+    def _prepare_rows(self, ids, rows):
+        if self.faults is not None:
+            self.faults.before_prepare(list(ids))
+        return [self.prepare_row(row) for row in rows]
+
+    def _crashed(self, row: dict[str, Any], crashes: int) -> dict[str, Any]:
+        """The row of a group that killed the preparation actor every time it was prepared alone."""
+        out = self._unprepared(row)
+        out[col.GROUP_ERROR] = (
+            f"the preparation actor died {crashes} time(s) while preparing this group alone; "
+            "it was not tried again"
+        )
+        out[col.GROUP_ERROR_STAGE] = STAGE
+        out[col.GROUP_ERROR_KIND] = "preparer_crash"
+        return out
+
     def __call__(self, table: pa.Table) -> pa.Table:
         start = time.perf_counter()
         out = self._prepare_table(table)
@@ -192,19 +245,23 @@ class PrepareStage:
         return out
 
     def _prepare_table(self, table: pa.Table) -> pa.Table:
-        inputs = table.select(
-            [c for c in (col.QUESTION, col.IMAGE, col.RESPONSES, col.STEPS) if c in table.column_names]
+        from visualprm_ray.job.journal import run_isolated
+
+        consumed = [
+            c
+            for c in (col.QUESTION, col.IMAGE, col.RESPONSES, col.STEPS, col.CANDIDATE_INDEX, col.INDEX_ERROR)
+            if c in table.column_names
+        ]
+        rows = table.select(consumed).to_pylist()
+        prepared = run_isolated(
+            self.journal,
+            table[col.ID].to_pylist(),
+            rows,
+            batch=self._prepare_rows,
+            crashed=self._crashed,
+            max_crashes=self.config.runtime.max_crashes_per_group,
         )
-        if col.CANDIDATE_INDEX in table.column_names:
-            inputs = inputs.append_column(col.CANDIDATE_INDEX, table[col.CANDIDATE_INDEX])
-        prepared = [self.prepare_row(row) for row in inputs.to_pylist()]
-        keep = table.drop_columns(
-            [
-                c
-                for c in (col.QUESTION, col.IMAGE, col.RESPONSES, col.STEPS, col.CANDIDATE_INDEX)
-                if c in table.column_names
-            ]
-        )
+        keep = table.drop_columns(consumed)
         for name, dtype in PREPARED_COLUMNS.items():
             keep = keep.append_column(name, pa.array([p[name] for p in prepared], dtype))
         return keep

@@ -1,24 +1,27 @@
 """Read: Parquet shards -> one row per group, with the job's internal column names.
 
-The driver has already opened every input file once (to count candidates and check ids), so it
-knows each file's row groups (:class:`~visualprm_ray.job.inputs.InputFile`); :class:`InputGroups`
-cuts read tasks from those row groups and each task yields blocks of a fixed number of rows. That
-gives blocks small enough for every preparer to get work even on a tiny input, and never larger
-than a few batches on a huge one, without Ray Data's footer-reading actors or a repartition step (on
-a small machine those cost more start-up than the read itself). Only the columns the job needs are
-read (the configured ones plus passthrough), over a pyarrow filesystem for any protocol. The flat
-layout (one row per candidate) is grouped by id with a shuffle so that ranks always see the
-whole group.
+The driver has already read every input file's footer (:mod:`visualprm_ray.job.inputs`), so it
+knows each file's row groups; :class:`InputGroups` cuts read tasks from those row groups and each
+task yields blocks of a fixed number of rows, cast to the plan's schema. That gives blocks small
+enough for every preparer to get work even on a tiny input, and never larger than a few batches on
+a huge one, without Ray Data's footer-reading actors or a repartition step (on a small machine
+those cost more start-up than the read itself). Only the columns the job needs are read (the
+configured ones plus passthrough), over a pyarrow filesystem for any protocol.
+
+An input without an id column gets ids derived from the file's path (relative to the input root)
+and the row's position in it: unique by construction, whatever the rows hold, and the same on
+every rerun of the same files. The flat layout (one row per candidate) is regrouped into group rows
+by a pass of its own before scoring (:mod:`visualprm_ray.job.flat`); its group rows are read here
+like any other, already under the internal names.
 """
 
 from __future__ import annotations
 
-import hashlib
-import posixpath
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 from ray.data import Datasource
 from ray.data.block import BlockMetadata
@@ -37,72 +40,55 @@ if TYPE_CHECKING:
 def read_groups(
     config: JobConfig,
     plan: ReadPlan,
-    files: Sequence[InputFile],
     *,
     rows_per_block: int,
     skip_ids: ray.ObjectRef | None = None,
 ) -> ray.data.Dataset:
     """The lazy dataset of group rows: internal columns plus passthrough columns.
 
-    ``files`` are the input files with their row groups (:func:`visualprm_ray.job.counts.count_input`
-    reads them); ``skip_ids`` (a string array in the object store) holds the ids of groups an
-    earlier attempt already committed (:mod:`visualprm_ray.job.resume`); their rows are dropped right
-    after the ids are known, before any work is spent on them.
+    ``skip_ids`` (a string array in the object store) holds the ids of groups an earlier attempt
+    already committed (:mod:`visualprm_ray.job.resume`); their rows are dropped right after the ids
+    are known, before any work is spent on them.
     """
     import ray.data
 
     from visualprm_ray.storage import pyarrow_filesystem
 
-    inp = config.input
-    fs, _ = pyarrow_filesystem(plan.files[0], config.storage)
-    wanted = [inp.question_column, inp.image_column]
-    wanted += [inp.responses_column] if plan.layout == "grouped" else [inp.response_column]
-    wanted += [inp.id_column] if plan.has_id else []
-    wanted += [inp.steps_column] if plan.has_steps else []
-    wanted += ["candidate_index"] if plan.has_candidate_index else []
-    wanted += [f.name for f in plan.passthrough]
-    columns = [c for c in dict.fromkeys(wanted) if c in plan.schema.names]  # the image is optional
+    fs, _ = pyarrow_filesystem(plan.uris[0], config.storage)
+    derive = not plan.internal and not plan.has_id
     source = InputGroups(
-        files,
+        plan.files,
         fs,
-        columns=columns,
-        schema=pa.schema([plan.schema.field(c) for c in columns]),
+        schema=plan.schema,
         rows_per_block=rows_per_block,
-        include_paths=not plan.has_id,
+        derive_ids=derive,
         retries=config.storage.retries,
     )
     ds = ray.data.read_datasource(source)
-    rename = _Rename(config, plan, skip_ids)
-    ds = ds.map_batches(rename, batch_format="pyarrow", zero_copy_batch=True)
-    if plan.layout == "flat":
-        ds = ds.groupby(col.ID).map_groups(
-            flat_to_group,
-            batch_format="pyarrow",
-            fn_kwargs={"passthrough": [f.name for f in plan.passthrough]},
-        )
-    return ds
+    return ds.map_batches(Rename(config, plan, skip_ids), batch_format="pyarrow", zero_copy_batch=True)
 
 
-class _Rename:
-    """Configured column names -> internal names; derives ids where the input has none."""
+class Rename:
+    """Configured column names -> internal names, and the resume filter."""
 
     def __init__(self, config: JobConfig, plan: ReadPlan, skip_ids: ray.ObjectRef | None = None) -> None:
         inp = config.input
         self.skip_ids = skip_ids
-        self.mapping = {inp.question_column: col.QUESTION, inp.image_column: col.IMAGE}
-        if plan.layout == "grouped":
-            self.mapping[inp.responses_column] = col.RESPONSES
-        else:
-            self.mapping[inp.response_column] = col.RESPONSES
-        if plan.has_id:
-            self.mapping[inp.id_column] = col.ID
-        if plan.has_steps:
-            self.mapping[inp.steps_column] = col.STEPS
-        if plan.has_candidate_index:
-            self.mapping["candidate_index"] = col.CANDIDATE_INDEX
-        self.keep_image = inp.keep_image_bytes
+        self.mapping: dict[str, str] = {}
+        if not plan.internal:  # a regrouped flat input already holds the internal names
+            self.mapping = {inp.question_column: col.QUESTION, inp.image_column: col.IMAGE}
+            if plan.layout == "grouped":
+                self.mapping[inp.responses_column] = col.RESPONSES
+            else:
+                self.mapping[inp.response_column] = col.RESPONSES
+            if plan.has_id:
+                self.mapping[inp.id_column] = col.ID
+            if plan.has_steps:
+                self.mapping[inp.steps_column] = col.STEPS
+            if plan.candidate_index_column:
+                self.mapping[plan.candidate_index_column] = col.CANDIDATE_INDEX
+        self.keep_image = inp.keep_image_bytes and not plan.internal
         self.image_column = inp.image_column
-        self.has_id = plan.has_id
 
     def __call__(self, table: pa.Table) -> pa.Table:
         if self.keep_image and self.image_column in table.column_names:
@@ -114,10 +100,7 @@ class _Rename:
         table = table.rename_columns([mapping.get(n, n) for n in table.column_names])
         if col.IMAGE not in table.column_names:
             table = table.append_column(col.IMAGE, pa.nulls(len(table), pa.binary()))
-        if not self.has_id:
-            table = table.append_column(col.ID, pa.array(_derived_ids(table), pa.string()))
-            table = table.drop_columns(["path"])
-        else:
+        if table.schema.field(col.ID).type != pa.string():
             table = table.set_column(
                 table.column_names.index(col.ID), col.ID, table[col.ID].cast(pa.string())
             )
@@ -129,10 +112,10 @@ class _Rename:
         return table
 
 
-_OBJECTS: dict[str, pa.Array] = {}
+_OBJECTS: dict[str, Any] = {}
 
 
-def _object(ref: ray.ObjectRef) -> pa.Array:
+def _object(ref: ray.ObjectRef) -> Any:
     """An object-store value, fetched once per worker process (the id set can be large)."""
     import ray
 
@@ -141,55 +124,6 @@ def _object(ref: ray.ObjectRef) -> pa.Array:
         _OBJECTS.clear()  # one job's set at a time
         _OBJECTS[key] = ray.get(ref)
     return _OBJECTS[key]
-
-
-def _derived_ids(table: pa.Table) -> list[str]:
-    """``<file name>:<content hash>``: stable across re-sharding and reruns, unlike a row number."""
-    seen: dict[str, int] = {}
-    ids = []
-    questions = table[col.QUESTION].to_pylist()
-    responses = table[col.RESPONSES].to_pylist()
-    for path, q, r in zip(table["path"].to_pylist(), questions, responses, strict=True):
-        digest = hashlib.sha1(repr((q, r)).encode()).hexdigest()[:16]
-        key = f"{posixpath.basename(path)}:{digest}"
-        n = seen.get(key, 0)
-        seen[key] = n + 1
-        # Identical rows of a file meeting in one batch still get distinct ids.
-        ids.append(key if n == 0 else f"{key}-{n}")
-    return ids
-
-
-def flat_to_group(table: pa.Table, passthrough: list[str]) -> pa.Table:
-    """One group row from the flat rows sharing an id.
-
-    Candidates are ordered by an input ``candidate_index`` column when there is one, else by
-    response text: the shuffle does not keep input order, and a deterministic order keeps
-    ``candidate_index`` stable across reruns. Passthrough values stay per candidate (as lists).
-    """
-    rows = table.to_pylist()
-    if col.CANDIDATE_INDEX in table.column_names:
-        rows.sort(key=lambda r: (r[col.CANDIDATE_INDEX] is None, r[col.CANDIDATE_INDEX]))
-        indices = [r[col.CANDIDATE_INDEX] for r in rows]
-    else:
-        rows.sort(key=lambda r: (r[col.RESPONSES] is None, r[col.RESPONSES] or ""))
-        indices = list(range(len(rows)))
-    first = rows[0]
-    out = {
-        col.ID: pa.array([first[col.ID]], pa.string()),
-        col.QUESTION: pa.array([first[col.QUESTION]], table.schema.field(col.QUESTION).type),
-        col.IMAGE: pa.array([first[col.IMAGE]], table.schema.field(col.IMAGE).type),
-        col.RESPONSES: pa.array(
-            [[r[col.RESPONSES] for r in rows]], pa.list_(table.schema.field(col.RESPONSES).type)
-        ),
-        col.CANDIDATE_INDEX: pa.array([indices], pa.list_(pa.int32())),
-    }
-    if col.STEPS in table.column_names:
-        out[col.STEPS] = pa.array(
-            [[r[col.STEPS] for r in rows]], pa.list_(table.schema.field(col.STEPS).type)
-        )
-    for name in passthrough:
-        out[name] = pa.array([[r[name] for r in rows]], pa.list_(table.schema.field(name).type))
-    return pa.table(out)
 
 
 class InputGroups(Datasource):
@@ -205,19 +139,19 @@ class InputGroups(Datasource):
         files: Sequence[InputFile],
         filesystem: pyarrow.fs.FileSystem,
         *,
-        columns: list[str],
         schema: pa.Schema,
         rows_per_block: int,
-        include_paths: bool,
+        derive_ids: bool = False,
+        row_positions: bool = False,
         retries: int = 5,
     ) -> None:
         super().__init__()
         self.files = list(files)
         self.filesystem = filesystem
-        self.columns = columns
-        self.schema = schema  # of ``columns``; for the empty input's one block
+        self.schema = schema  # the columns read, in the types every block is cast to
         self.rows_per_block = rows_per_block
-        self.include_paths = include_paths
+        self.derive_ids = derive_ids  # add ``_vp_id`` = "<relative path>#<row>"
+        self.row_positions = row_positions  # add ``_vp_file`` (index into ``files``) and ``_vp_row``
         self.retries = retries
 
     def get_name(self) -> str:
@@ -230,16 +164,19 @@ class InputGroups(Datasource):
         self, parallelism: int, per_task_row_limit: int | None = None, **_: Any
     ) -> list[ReadTask]:
         tasks = []
-        for file in self.files:
+        for index, file in enumerate(self.files):
+            starts = np.concatenate([[0], np.cumsum(file.row_group_rows, dtype=np.int64)])
             for span in row_group_spans(file.row_group_rows, self.rows_per_block):
                 read = partial(
                     read_span,
                     self.filesystem,
                     file.path,
                     span,
-                    columns=self.columns,
+                    schema=self.schema,
                     rows_per_block=self.rows_per_block,
-                    include_paths=self.include_paths,
+                    first_row=int(starts[span.start]),
+                    id_prefix=file.relpath if self.derive_ids else None,
+                    file_index=index if self.row_positions else None,
                     retries=self.retries,
                 )
                 meta = BlockMetadata(
@@ -250,9 +187,12 @@ class InputGroups(Datasource):
                 )
                 tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
         if not tasks:  # every file is empty: one empty block carries the schema on
-            empty = self.schema.empty_table()
-            if self.include_paths:
-                empty = empty.append_column("path", pa.array([], pa.string()))
+            empty = _with_positions(
+                self.schema.empty_table(),
+                0,
+                None if not self.derive_ids else "",
+                0 if self.row_positions else None,
+            )
             meta = BlockMetadata(num_rows=0, size_bytes=0, input_files=None, exec_stats=None)
             tasks.append(ReadTask(partial(_one, empty), meta))
         return tasks
@@ -276,15 +216,19 @@ def read_span(
     path: str,
     span: range,
     *,
-    columns: list[str],
+    schema: pa.Schema,
     rows_per_block: int,
-    include_paths: bool,
+    first_row: int = 0,
+    id_prefix: str | None = None,
+    file_index: int | None = None,
     retries: int = 5,
 ) -> Iterator[pa.Table]:
-    """One read task: the span's row groups, handed on in blocks of ``rows_per_block`` rows.
+    """One read task: the span's row groups, cast to ``schema``, handed on in blocks of
+    ``rows_per_block`` rows.
 
     The span is read whole, under :func:`~visualprm_ray.storage.with_retries`, before the first
-    block is yielded: a retry never repeats rows already handed on.
+    block is yielded: a retry never repeats rows already handed on. ``first_row`` is the file's row
+    index of the span's first row, for derived ids (``id_prefix``) and row positions (``file_index``).
     """
     import pyarrow.parquet as pq
 
@@ -292,13 +236,28 @@ def read_span(
 
     def read() -> pa.Table:
         with pq.ParquetFile(path, filesystem=filesystem) as parquet:
-            return parquet.read_row_groups(list(span), columns=columns)
+            return parquet.read_row_groups(list(span), columns=schema.names)
 
     table = with_retries(read, what=f"reading input {path}", retries=retries)
-    if include_paths:  # derived ids are keyed on the file name
-        table = table.append_column("path", pa.array([path] * len(table), pa.string()))
+    # The driver checked every file's types against the plan; this only unifies their variants
+    # (large_string, an all-null column) so that blocks of different files concatenate.
+    table = table.select(schema.names).cast(schema)
+    table = _with_positions(table, first_row, id_prefix, file_index)
     for start in range(0, len(table), rows_per_block):
         yield table.slice(start, rows_per_block)
+
+
+def _with_positions(
+    table: pa.Table, first_row: int, id_prefix: str | None, file_index: int | None
+) -> pa.Table:
+    rows = np.arange(first_row, first_row + len(table), dtype=np.int64)
+    if id_prefix is not None:
+        ids = np.char.add(f"{id_prefix}#", rows.astype(str)) if len(rows) else np.array([], dtype=str)
+        table = table.append_column(col.ID, pa.array(ids, pa.string()))
+    if file_index is not None:
+        table = table.append_column(col.FILE, pa.array(np.full(len(table), file_index, np.int32)))
+        table = table.append_column(col.ROW, pa.array(rows))
+    return table
 
 
 def _one(table: pa.Table) -> list[pa.Table]:

@@ -110,11 +110,15 @@ class ScoreStage:
         config: JobConfig,
         model_dir: str,
         device: str,
+        model_identity: dict | None = None,
         cpu_threads: int | None = None,
         progress: str | None = None,
         journal: str | None = None,
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
+
+        from visualprm_ray.job import faults
+        from visualprm_ray.job.startup import start
 
         # Every torch call of this actor (the model load here, each batch in __call__) runs on
         # this one thread. Ray Data calls __call__ from its own worker thread, not the thread
@@ -122,18 +126,32 @@ class ScoreStage:
         # worker team per calling thread), scoring on a 2-core node ran 20-45% slower with
         # 1.35-1.6 of 2 cores busy (benchmarks/scorer_thread_cpu.py).
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="visualprm-torch")
-        self._torch_thread.submit(self._load, config, model_dir, device, cpu_threads).result()
+        self.faults = faults.active_plan()
+        load = self._torch_thread.submit
+        start(
+            STAGE, lambda: load(self._load, config, model_dir, device, model_identity, cpu_threads).result()
+        )
         self.max_crashes = config.runtime.max_crashes_per_group
         from visualprm_ray.job.journal import JournalClient
         from visualprm_ray.job.progress import ProgressReporter
 
-        self.journal = JournalClient(journal) if journal else None
+        self.journal = JournalClient(journal, STAGE) if journal else None
         self.progress = ProgressReporter.connect(progress) if progress else None
 
-    def _load(self, config: JobConfig, model_dir: str, device: str, cpu_threads: int | None) -> None:
+    def _load(
+        self,
+        config: JobConfig,
+        model_dir: str,
+        device: str,
+        model_identity: dict | None,
+        cpu_threads: int | None,
+    ) -> None:
         from visualprm_ray.model.checkpoint import load_checkpoint
         from visualprm_ray.model.scoring import make_scorer
-        from visualprm_ray.model.source import resolve_model_source
+        from visualprm_ray.model.source import ModelIdentity, resolve_model_source
+
+        if self.faults is not None:
+            self.faults.before_start(STAGE)
 
         if device == "cpu":
             import torch
@@ -146,8 +164,12 @@ class ScoreStage:
             threads = cpu_threads or config.runtime.cpu_threads_per_scorer or usable_cores()
             torch.set_num_threads(max(1, threads))
 
+        pinned = ModelIdentity.from_dict(model_identity) if model_identity else None
+        directory = resolve_model_source(
+            model_dir, storage=config.storage, cache_dir=config.model.cache_dir, pinned=pinned
+        )
         checkpoint = load_checkpoint(
-            resolve_model_source(model_dir, storage=config.storage, cache_dir=config.model.cache_dir),
+            directory,
             dtype=config.model.dtype,
             device=device,
             attn_implementation=config.model.attn_implementation,
@@ -159,10 +181,9 @@ class ScoreStage:
             vision_batch=config.scoring.vision_batch,
             mode=config.scoring.prefix_mode,
         )
-        from visualprm_ray.job import faults
-
-        self.faults = faults.active_plan()
         if self.faults is not None:
+            from visualprm_ray.job import faults
+
             faults.install(self.faults, self.scorer)
 
     # -- scoring with fault handling ------------------------------------------------------------
@@ -231,28 +252,18 @@ class ScoreStage:
             torch.cuda.empty_cache()
 
     def _score_live(self, ids: list[str], groups: list[PreparedGroup]) -> list[GroupResult]:
-        if self.journal is None:
-            return self._score(ids, groups)
-        if self.journal.begin_batch(ids) == 0:
-            results = self._score(ids, groups)
-            self.journal.end(ids)
-            return results
-        # An earlier attempt at this batch died with the actor: find the culprit by scoring the
-        # groups one at a time, each under its own note in the journal.
-        results: list[GroupResult] = []
-        for group_id, group in zip(ids, groups, strict=True):
-            crashes = self.journal.begin_solo(group_id)
-            if crashes >= self.max_crashes:
-                crash = Failure(
-                    "scorer_crash",
-                    f"the scoring actor died {crashes} time(s) while scoring this group alone; "
-                    "it was not tried again",
-                )
-                results.append([crash if group.scorable(k) else None for k in range(group.num_candidates)])
-            else:
-                results.extend(self._score([group_id], [group]))
-            self.journal.end([group_id])
-        return results
+        from visualprm_ray.job.journal import run_isolated
+
+        def crashed(group: PreparedGroup, crashes: int) -> GroupResult:
+            crash = Failure(
+                "scorer_crash",
+                f"the scoring actor died {crashes} time(s) while scoring this group alone; it was not tried again",
+            )
+            return [crash if group.scorable(k) else None for k in range(group.num_candidates)]
+
+        return run_isolated(
+            self.journal, ids, groups, batch=self._score, crashed=crashed, max_crashes=self.max_crashes
+        )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self._torch_thread.submit(self._score_table, table).result()
