@@ -473,3 +473,38 @@ def test_local_model_dir_concurrent_processes_download_once(remote_model: str, t
     assert len(log.read_text().split()) == 1
     _assert_matches_remote(target)
     assert sorted(p.name for p in cache.iterdir()) == sorted([target.name, f"{target.name}.lock"])
+
+
+def test_parallel_imap_keeps_order_bounds_work_in_flight_and_stops_on_error() -> None:
+    import threading
+    import time
+
+    from visualprm_ray.storage import parallel_imap, parallel_map
+
+    started: list[int] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (7 - i % 7))  # later items finish first: order must come from the index
+        return i * i
+
+    results = parallel_imap(work, 50, threads=4)
+    assert next(results) == 0
+    time.sleep(0.05)
+    assert len(started) <= 5  # 4 in flight, one taken: nothing read far ahead of the consumer
+    assert [0, *results] == [i * i for i in range(50)]
+    assert parallel_map(work, 3, threads=8) == [0, 1, 4]
+
+    def fail(i: int) -> int:
+        if i == 3:
+            raise OSError("boom")
+        time.sleep(0.01)
+        return i
+
+    seen = []
+    with pytest.raises(OSError, match="boom"):
+        for value in parallel_imap(fail, 1000, threads=4):
+            seen.append(value)
+    assert seen == [0, 1, 2]

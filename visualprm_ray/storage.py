@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,8 @@ T = TypeVar("T")
 # Only what loading a checkpoint needs. Anything else (``*.py`` in particular: checkpoint code is
 # never fetched, let alone executed; also optimizer states, ``*.bin`` duplicates) is skipped.
 MODEL_FILE_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "tokenizer.model", "*.txt")
+# What preparing a group needs (config and tokenizer, no weights): CPU nodes fetch only these.
+PREPROCESSING_PATTERNS: tuple[str, ...] = ("*.json", "tokenizer.model", "*.txt")
 
 MARKER_NAME = ".complete.json"
 _MARKER_VERSION = 1
@@ -241,6 +243,158 @@ def _join_uri(protocol: str, path: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Reading what is used, no more
+# --------------------------------------------------------------------------------------------
+
+# Files scanned at once by the driver's bookkeeping (footers, the count check, resume). Each file
+# costs one or two requests, one after the other; many files at once turn F files' round trips
+# into F / SCAN_THREADS of them.
+SCAN_THREADS = 64
+
+
+def open_for_read(uri: str, options: StorageOptions | None = None, *, size: int | None = None):
+    """A file object that fetches exactly the byte ranges read from it, nothing ahead.
+
+    fsspec's object-store files read ahead in large blocks by default (50 MiB on s3fs), and look
+    the object up (a HEAD) before their first read: reading the small ``responses`` column of a
+    big file fetched most of the file. Here every ``read`` is one ranged GET of what was asked,
+    and a known ``size`` (from a listing) spares the HEAD. Parquet readers coalesce adjacent
+    column chunks themselves (``pre_buffer``), so a row group's columns still come in a request
+    or two.
+    """
+    fs, path = fsspec_filesystem(uri, options)
+    if _is_local(uri):
+        return open(path, "rb")
+    return RangeFile(fs, path, fs.size(path) if size is None else size)
+
+
+class RangeFile(io.RawIOBase):
+    """A read-only, seekable view of a remote object where each read is one ``cat_file`` range."""
+
+    def __init__(self, fs, path: str, size: int) -> None:
+        super().__init__()
+        self._fs, self._path, self._size, self._pos = fs, path, int(size), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        data = self._fs.cat_file(self._path, start=self._pos, end=end)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def read_range(uri: str, options: StorageOptions | None = None, *, end: int | None = None) -> bytes:
+    """The first ``end`` bytes of a file (all of it when ``end`` is None), in one request."""
+    fs, path = fsspec_filesystem(uri, options)
+    if end is None:
+        return fs.cat_file(path)
+    return fs.cat_file(path, start=0, end=end)
+
+
+class TornFile(ValueError):
+    """A Parquet file that cannot be opened: no footer (a writer killed mid-file), zero bytes."""
+
+
+def read_parquet(
+    uri: str,
+    columns: list[str] | None,
+    options: StorageOptions | None = None,
+    *,
+    size: int | None = None,
+    metadata: Any = None,
+    row_groups: list[int] | None = None,
+    missing_columns: Literal["error", "skip"] = "error",
+):
+    """``columns`` of one Parquet file (of some ``row_groups`` of it), fetching only their column chunks.
+
+    ``missing_columns="skip"`` reads those of ``columns`` the file has (a reader that checks what
+    is missing across files itself); ``"error"`` lets pyarrow refuse the file.
+
+    With the file's ``metadata`` (its footer, read before) nothing but the column chunks is
+    fetched; with its ``size`` not even a HEAD. Transient errors are retried; a file that is not
+    valid Parquet raises :class:`TornFile` (a network error never does: a good file is never taken
+    for a torn one because of a bad connection).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    options = options or StorageOptions()
+
+    def read():
+        with open_for_read(uri, options, size=size) as f:
+            try:
+                parquet = pq.ParquetFile(f, metadata=metadata, pre_buffer=True)
+            except pa.ArrowInvalid as exc:
+                raise TornFile(f"{redact(uri)} is not a complete Parquet file: {exc}") from None
+            with parquet:
+                wanted = columns
+                if columns is not None and missing_columns == "skip":
+                    wanted = [c for c in columns if c in parquet.schema_arrow.names]
+                if row_groups is not None:
+                    return parquet.read_row_groups(row_groups, columns=wanted)
+                return parquet.read(columns=wanted)
+
+    return with_retries(read, what=f"read {redact(uri)}", retries=options.retries)
+
+
+def parallel_map(fn: Callable[[int], T], count: int, *, threads: int = SCAN_THREADS) -> list[T]:
+    """``[fn(0), ..., fn(count - 1)]``, many at once (I/O-bound work: one thread per request in flight)."""
+    return list(parallel_imap(fn, count, threads=threads))
+
+
+def parallel_imap(fn: Callable[[int], T], count: int, *, threads: int = SCAN_THREADS) -> Iterator[T]:
+    """``fn(0), ..., fn(count - 1)`` in order, as they finish, with at most ``threads`` running or
+    waiting to be taken: the caller reduces each result (in its own thread) before more are read.
+
+    Why not reduce in the worker threads: each thread's temporaries stay in that thread's arena of
+    the C allocator once freed, so 32 threads that hash and filter hold ~10 MB each for good; the
+    reading itself (pyarrow, GIL released) is what needs the threads.
+    """
+    if count <= 1:
+        yield from (fn(i) for i in range(count))
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(threads, count), thread_name_prefix="visualprm-io") as pool:
+        pending = deque(pool.submit(fn, i) for i in range(min(threads, count)))
+        submitted = len(pending)
+        try:
+            while pending:
+                result = pending.popleft().result()
+                if submitted < count:
+                    pending.append(pool.submit(fn, submitted))
+                    submitted += 1
+                yield result
+        finally:
+            for future in pending:  # an error (or a caller that stopped): do not read the rest
+                future.cancel()
+
+
+# --------------------------------------------------------------------------------------------
 # Redaction
 # --------------------------------------------------------------------------------------------
 
@@ -417,17 +571,23 @@ def list_files(
                 for p, info in found.items()
                 if info.get("type") == "file" and not _hidden(p[len(root) :])
             }
-        try:
-            info = fs.info(path)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "no such file or directory", redact(uri)) from None
-        if info.get("type") == "file":
-            return {path: info}
         prefix = path.rstrip("/") + "/"
-        if not recursive:
-            below = {e["name"]: e for e in fs.ls(path, detail=True) if e.get("type") == "file"}
-        else:
-            below = fs.find(path, detail=True)
+        # The listing first (one request per 1,000 keys on S3); only when it finds nothing is the
+        # path looked up itself (a single file, an empty directory, or nothing at all).
+        try:
+            if not recursive:
+                below = {e["name"]: e for e in fs.ls(path, detail=True) if e.get("type") == "file"}
+            else:
+                below = fs.find(path, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            below = {}
+        if not any(p.startswith(prefix) for p in below):
+            try:
+                info = fs.info(path)
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, "no such file or directory", redact(uri)) from None
+            if info.get("type") == "file":
+                return {path: info}
         # find() on s3 may include an object named exactly like the prefix; keep what is below it.
         return {
             p: e
@@ -461,9 +621,9 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "visualprm-ray" / "models"
 
 
-def _wanted(relative: str) -> bool:
+def _wanted(relative: str, patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> bool:
     name = relative.rsplit("/", 1)[-1]
-    return not _hidden(relative) and any(fnmatch.fnmatchcase(name, pat) for pat in MODEL_FILE_PATTERNS)
+    return not _hidden(relative) and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
 
 
 def _cache_name(uri: str, endpoint: str | None) -> str:
@@ -474,7 +634,9 @@ def _cache_name(uri: str, endpoint: str | None) -> str:
     return f"{tail}-{digest}"
 
 
-def _remote_listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+def _remote_listing(
+    fs: fsspec.AbstractFileSystem, root: str, patterns: tuple[str, ...] = MODEL_FILE_PATTERNS
+) -> dict[str, dict[str, Any]]:
     """``relative name -> {"size": int, "etag": str | None}`` for the model files under ``root``."""
     # s3fs lists afresh in find(), but other fsspec filesystems may answer from their listing cache,
     # which would hide a changed remote.
@@ -485,7 +647,7 @@ def _remote_listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[
         if info.get("type") == "directory" or not full.startswith(prefix):
             continue
         relative = full[len(prefix) :]
-        if not _wanted(relative):
+        if not _wanted(relative, patterns):
             continue
         # Object keys are arbitrary strings: refuse anything that would land outside the cache dir.
         if any(part in ("", ".", "..") for part in relative.split("/")):
@@ -573,12 +735,12 @@ def remote_model_listing(source: str, options: StorageOptions | None = None) -> 
     return listing
 
 
-def local_model_files(directory: Path) -> list[str]:
-    """The model files of a local checkpoint directory (what :data:`MODEL_FILE_PATTERNS` keeps), sorted."""
+def local_model_files(directory: Path, patterns: tuple[str, ...] = MODEL_FILE_PATTERNS) -> list[str]:
+    """The model files of a local checkpoint directory (those ``patterns`` keep), sorted."""
     found = []
     for path in directory.rglob("*"):
         relative = path.relative_to(directory).as_posix()
-        if path.is_file() and _wanted(relative):
+        if path.is_file() and _wanted(relative, patterns):
             found.append(relative)
     return sorted(found)
 
@@ -589,6 +751,7 @@ def local_model_dir(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     expected: dict[str, dict[str, Any]] | None = None,
+    patterns: tuple[str, ...] = MODEL_FILE_PATTERNS,
 ) -> Path:
     """A local directory holding the model at ``source``.
 
@@ -610,6 +773,10 @@ def local_model_dir(
     that lists differently (a retrained checkpoint uploaded to the same prefix mid-run) raises
     :class:`ModelChangedError` instead of fetching other weights than the job was started with; a
     cached copy is used only when its own listing is the expected one.
+
+    ``patterns`` narrows what is fetched (:data:`PREPROCESSING_PATTERNS`: no weights, for nodes that
+    only tokenize); such a partial copy has a cache entry of its own, and ``expected`` is compared
+    on the files it keeps.
     """
     options = options or StorageOptions()
     if _is_local(source):
@@ -626,6 +793,10 @@ def local_model_dir(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     name = _cache_name(uri, _effective_endpoint(options) if protocol in ("s3", "s3a") else None)
+    if patterns != MODEL_FILE_PATTERNS:
+        name += "-" + hashlib.sha256(repr(sorted(patterns)).encode()).hexdigest()[:8]
+    if expected is not None:
+        expected = {k: v for k, v in expected.items() if _wanted(k, patterns)}
     target = cache / name
 
     with exclusive_lock(cache / f"{name}.lock"):
@@ -639,7 +810,9 @@ def local_model_dir(
             cache_ok = False  # another version than the job's: never used for it
         try:
             listing = with_retries(
-                lambda: _remote_listing(fs, root), what=f"list {redact(uri)}", retries=options.retries
+                lambda: _remote_listing(fs, root, patterns),
+                what=f"list {redact(uri)}",
+                retries=options.retries,
             )
         except (StorageError, OSError) as exc:
             if cache_ok and not isinstance(exc, (FileNotFoundError, PermissionError)):

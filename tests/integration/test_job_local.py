@@ -101,7 +101,11 @@ def test_the_job_runs_the_layout_planned_for_this_machine(grouped_run, tiny_mode
     assert view.nodes[0].cores == min(4, usable_cores())
     config = _config(root / "in", root / "out", tiny_model)
     planned = plan_layout(config, view, model_parameters(config))
-    assert manifest["resources"] == planned.__dict__
+    assert manifest["resources"] == {
+        **planned.__dict__,
+        "scorers_started": planned.num_scorers,
+        "scorer_nodes": 1,
+    }
     # A tiny checkpoint fits once per core; 4 Ray CPUs leave room for two replicas and a preparer.
     assert (planned.device, planned.num_scorers) == ("cpu", min(usable_cores(), 2))
     assert planned.cpu_threads_per_scorer == max(1, usable_cores() // planned.num_scorers)

@@ -52,9 +52,12 @@ def test_input_model_output_on_s3(ray_local, s3_env, tiny_model, tmp_path):
     ]
     assert con.execute("select count(*) from scores where is_best").fetchall() == [(24,)]
     assert con.execute("select max(abs(score - list_avg(step_scores))) from scores").fetchall()[0][0] < 1e-6
-    # The model was fetched into the local cache, without any checkpoint code.
-    cached = list((tmp_path / "cache").glob("*/config.json"))
-    assert len(cached) == 1
+    # The model was fetched into the local cache, without any checkpoint code: once whole for the
+    # scorers, and its config and tokenizer alone for the preparers (no weights on CPU-only nodes).
+    cached = sorted((p.parent for p in (tmp_path / "cache").glob("*/config.json")), key=lambda d: len(d.name))
+    assert len(cached) == 2
+    assert [bool(list(d.glob("*.safetensors"))) for d in cached] == [True, False]
+    assert all((d / "tokenizer.model").exists() for d in cached)
     assert not list((tmp_path / "cache").rglob("*.py"))
 
     # A rerun of a finished job is a no-op (resume): nothing is written twice.

@@ -83,7 +83,7 @@ def test_minimal_config_and_defaults(minimal):
     assert cfg.output.mode == "resume"
     assert cfg.output.include_response is True
     assert cfg.output.compression == "zstd"
-    assert cfg.output.min_rows_per_file == 512
+    assert cfg.output.min_rows_per_file is None and cfg.output.target_file_bytes == 64 << 20
 
     rt = cfg.runtime
     assert rt.ray_address is None and rt.device == "auto"

@@ -43,10 +43,37 @@ def test_repeated_or_null_group_ids_are_refused_before_the_job(tmp_path):
         count_input(config, plan_read(config))
     _input(tmp_path / "in" / "b.parquet", ["g3", "g4"])
     plan = plan_read(config)
-    counts = count_input(config, plan)
+    counts, ids = count_input(config, plan)
     assert (counts.groups_in, counts.candidates_in) == (4, 8)
+    assert [a.to_pylist() for a in ids] == [["g1", "g2"], ["g3", "g4"]]  # kept for planning a resume
     # The plan indexes each file's row groups for the read stage.
-    assert [(f.path.rsplit("/", 1)[-1], f.row_group_rows) for f in plan.files] == [
+    assert [(f.uri.rsplit("/", 1)[-1], f.row_group_rows) for f in plan.files] == [
         ("a.parquet", (2,)),
         ("b.parquet", (2,)),
     ]
+
+
+def test_candidates_are_counted_from_the_footer_when_it_can_tell(tmp_path, monkeypatch):
+    """No null and no empty list in a row group: its responses leaf's value count is its candidates,
+    and not a byte of response text is read. Otherwise the row group's responses are read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from visualprm_ray import storage
+
+    (tmp_path / "in").mkdir()
+    clean = {"question": ["Q"] * 4, "responses": [["a", "b"], ["c"], ["d", "e", "f"], ["g"]]}
+    pq.write_table(pa.table(clean), tmp_path / "in" / "a.parquet", row_group_size=2)
+    holes = {"question": ["Q"] * 4, "responses": [["a"], [], None, ["b", None]]}
+    pq.write_table(pa.table(holes), tmp_path / "in" / "b.parquet", row_group_size=2)
+    config = JobConfig.from_sources(
+        None, [], input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), model_source="/m"
+    )
+    plan = plan_read(config)
+    assert [f.candidates for f in plan.files] == [(3, 4), (None, None)]
+    reads = []
+    real = storage.read_parquet
+    monkeypatch.setattr(storage, "read_parquet", lambda uri, *a, **k: reads.append(uri) or real(uri, *a, **k))
+    counts, _ = count_input(config, plan)
+    assert (counts.groups_in, counts.candidates_in, counts.empty_groups) == (8, 7 + 3, 2)
+    assert [r.rsplit("/", 1)[-1] for r in reads] == ["b.parquet"]

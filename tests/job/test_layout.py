@@ -92,6 +92,17 @@ def test_gpu_scorers_one_per_gpu_with_two_preparers_each():
     assert plan_layout(config(), cluster, None).num_preparers == 3
 
 
+def test_pools_may_grow_to_max_scorers_with_preparers_in_step():
+    cluster = Cluster(cpu_tokens=64, gpus=2, nodes=[Node(64, 512 * GiB)])
+    fixed = plan_layout(config(), cluster, None)
+    assert (fixed.num_scorers, fixed.max_scorers, fixed.num_preparers, fixed.max_preparers) == (2, 2, 4, 4)
+    grows = plan_layout(config("runtime.max_scorers=6"), cluster, None)
+    assert (grows.num_scorers, grows.max_scorers, grows.num_preparers, grows.max_preparers) == (2, 6, 4, 12)
+    # A maximum below what the cluster holds at start does not shrink the pool; set preparers stay.
+    small = plan_layout(config("runtime.max_scorers=1", "runtime.num_preparers=3"), cluster, None)
+    assert (small.num_scorers, small.max_scorers, small.num_preparers, small.max_preparers) == (2, 2, 3, 3)
+
+
 def test_cuda_without_gpus_is_refused():
     with pytest.raises(RuntimeError, match="no GPUs"):
         plan_layout(config("runtime.device=cuda"), one_node(8, 64), None)

@@ -30,7 +30,7 @@ def _write(path, keys: list[tuple[str, int | None]]) -> None:
 
 
 def test_nothing_there(tmp_path):
-    assert scan_committed(_config(tmp_path / "absent")).ids == []
+    assert scan_committed(_config(tmp_path / "absent")).groups == 0
 
 
 def test_torn_and_duplicate_files_are_removed_and_the_rest_kept(tmp_path):
@@ -45,7 +45,7 @@ def test_torn_and_duplicate_files_are_removed_and_the_rest_kept(tmp_path):
     (out / "notes.txt").write_text("not ours")
 
     committed = scan_committed(_config(out))
-    assert sorted(committed.ids) == ["g1", "g2", "g3"]
+    assert sorted(committed.ids.to_pylist()) == ["g1", "g2", "g3"]
     assert committed.candidates == 3 and committed.empty_groups == 1
     assert sorted(p.rsplit("/", 1)[-1] for p in committed.removed) == [
         "b-0.parquet",
@@ -54,7 +54,7 @@ def test_torn_and_duplicate_files_are_removed_and_the_rest_kept(tmp_path):
     ]
     assert sorted(p.name for p in out.iterdir()) == ["a-0.parquet", "a-1.parquet", "notes.txt"]
     # g4 was only in the removed file: it is not committed, so the rerun scores it again.
-    assert "g4" not in committed.ids
+    assert "g4" not in committed.ids.to_pylist()
 
 
 def test_scan_without_delete_leaves_files(tmp_path):
@@ -96,5 +96,5 @@ def test_only_the_jobs_own_top_level_files_count(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for uri in ("out", "out/", str(out), f"file://{out}"):
         committed = scan_committed(_config(uri))
-        assert committed.ids == ["g1"] and committed.removed == [], uri
+        assert committed.ids.to_pylist() == ["g1"] and committed.removed == [], uri
     assert (out / "mine" / "notes.parquet").exists()

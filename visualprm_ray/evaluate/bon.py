@@ -300,14 +300,14 @@ def _one_value(gid: Any, members: Sequence[dict[str, Any]], column: str) -> Any:
 def read_output(uri: str, columns: Sequence[str], *, allow_incomplete: bool = False) -> list[dict[str, Any]]:
     """The rows (as dicts of ``columns``) of a job's output: a directory/prefix, glob or one file."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from visualprm_ray.evaluate._io import exists, join_uri
-    from visualprm_ray.storage import fsspec_filesystem, list_files, with_retries
+    from visualprm_ray.storage import fsspec_filesystem, list_files, parallel_map, read_parquet
 
     fs, path = fsspec_filesystem(uri)
     try:
-        files = list_files(uri, recursive=False)  # a job's own files; nested ones are not its
+        # The job's own files, listed as its count check lists them; nested ones are not its.
+        listing = list_files(uri, recursive=False, detail=True)
     except FileNotFoundError as exc:
         raise EvalInputError(f"no output table at {uri}") from exc
     is_directory = not any(ch in path for ch in "*?[") and not fs.isfile(path)
@@ -316,17 +316,14 @@ def read_output(uri: str, columns: Sequence[str], *, allow_incomplete: bool = Fa
         raise EvalInputError(
             f"{uri} has no _SUCCESS marker: the run is unfinished (or pass --allow-incomplete)"
         )
-    if not files:
+    if not listing:
         raise EvalInputError(f"no Parquet files at {uri}")
-    tables = []
-    for file in files:
-        file_fs, file_path = fsspec_filesystem(file)
-
-        def read(file_fs=file_fs, file_path=file_path):
-            with file_fs.open(file_path, "rb") as f:
-                return pq.read_table(f)
-
-        tables.append(with_retries(read, what=f"read {file}"))
+    wanted = list(dict.fromkeys(columns))
+    # Many files at once and only the wanted columns' chunks, as the count check reads them.
+    tables = parallel_map(
+        lambda i: read_parquet(listing[i][0], wanted, size=listing[i][1], missing_columns="skip"),
+        len(listing),
+    )
     table = pa.concat_tables(tables, promote_options="default")
     missing = [c for c in columns if c not in table.column_names]
     if missing:

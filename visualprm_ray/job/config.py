@@ -228,8 +228,22 @@ class OutputConfig(BaseModel):
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
         "zstd", description="Parquet compression codec of the output files."
     )
-    min_rows_per_file: int = Field(
-        512, ge=1, description="Rows buffered before an output file is written (fewer for the last file)."
+    target_file_bytes: int = Field(
+        64 << 20,
+        ge=1 << 10,
+        description=(
+            "About how many bytes (uncompressed) an output file holds: rows per file follow from the input's "
+            "bytes per candidate, so 10M candidates make hundreds of files, not tens of thousands. A file "
+            "always holds whole groups, and is the unit a kill can lose (see docs/OPERATIONS.md)."
+        ),
+    )
+    min_rows_per_file: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Rows per output file, overriding target_file_bytes (fewer for the last file); small jobs and "
+            "tests set it low to get many small files."
+        ),
     )
 
 
@@ -249,6 +263,15 @@ class RuntimeConfig(BaseModel):
         None,
         ge=1,
         description="Number of scoring actors; null means one per GPU, or on CPU as many model replicas as the nodes' cores and memory allow (one when the checkpoint's size is unknown).",
+    )
+    max_scorers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Most scoring actors when the cluster grows (an autoscaling KubeRay cluster adds GPU nodes while "
+            "the job runs): the pool starts with num_scorers (or what the cluster holds at start) and adds "
+            "actors up to this as nodes join; null keeps the pool at its starting size."
+        ),
     )
     gpus_per_scorer: float = Field(
         1.0, gt=0, description="GPUs reserved per scoring actor (fractions share a GPU); ignored on CPU."

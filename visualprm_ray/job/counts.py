@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from visualprm_ray.job.inputs import ReadPlan
-from visualprm_ray.job.resume import Committed, output_files
+from visualprm_ray.job.resume import Committed
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from visualprm_ray.job.config import JobConfig
 
 
@@ -63,68 +65,82 @@ class JobCheckError(RuntimeError):
     """The output failed the count check: rows lost or doubled. Never silently accepted."""
 
 
-def count_input(config: JobConfig, plan: ReadPlan) -> Counts:
+def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[pa.Array] | None]:
     """Candidates in, from the input files alone (independent of what the pipeline did).
 
-    Flat rows are candidates: the footers' row counts say how many. Grouped rows hold lists, whose
-    lengths only the data says: each file's responses column is read (many files at once).
+    Flat rows are candidates: the footers' row counts say how many. Grouped rows hold lists: where
+    a row group's footer shows its responses column without a null or an empty list, its leaf
+    value count is the number of candidates (:func:`~visualprm_ray.job.inputs.list_lengths_from_footer`);
+    only the other row groups' responses are read, their chunks alone. An id column is read (its
+    chunks alone, many files at once) to refuse ids that repeat or are null: resume and the
+    exactly-once check key on the id, so two groups with one id could not be told apart. Ids
+    derived for inputs without an id column (file path and row position) cannot repeat.
 
-    Also refuses an input whose group ids repeat (or are null): resume and the exactly-once check
-    key on the id, so two groups with one id could not be told apart. Ids derived for inputs
-    without an id column (file path and row position) cannot repeat.
+    Returns the counts and, for an input with an id column, each file's ids (Arrow arrays, in file
+    order): what :func:`visualprm_ray.job.resume.plan_skips` needs to skip committed groups.
     """
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from visualprm_ray.job.outputs import DATA_THREADS
+    from visualprm_ray.storage import parallel_map, read_parquet
+
     counts = Counts()
     if plan.layout == "flat":
         counts.candidates_in = plan.num_rows
-        return counts
+        return counts, None
     inp = config.input
-    check_ids = plan.has_id
-    columns = [inp.responses_column, *([inp.id_column] if check_ids else [])]
-    ids: list[pa.Array] = []
-    owners: list[np.ndarray] = []
-    for index, table in enumerate(read_columns(config, plan, columns)):
-        lengths = pc.fill_null(pc.list_value_length(table[inp.responses_column]), 0)
-        counts.groups_in += len(table)
-        counts.candidates_in += int(pc.sum(lengths).as_py() or 0)
-        counts.empty_groups += int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
-        if check_ids:
-            ids.append(table[inp.id_column].combine_chunks().cast(pa.string()))
-            owners.append(np.full(len(table), index, dtype=np.int32))
-    if check_ids and ids:
-        _check_unique_ids(config, plan, pa.concat_arrays(ids), np.concatenate(owners))
-    return counts
 
+    def scan(i: int) -> tuple[int, int, pa.Array | None]:
+        # Reduced in the reading thread: only the small results stay, never the text.
+        f = plan.files[i]
+        unknown = [g for g, n in enumerate(f.candidates or [None] * len(f.row_group_rows)) if n is None]
+        candidates = sum(n for n in f.candidates if n is not None) if f.candidates else 0
+        empty = 0
+        metadata = None
+        if f.footer is not None and (unknown or plan.has_id):
+            import ray
 
-def read_columns(config: JobConfig, plan: ReadPlan, columns: list[str]):
-    """Each input file's ``columns`` as a table, in file order, several files fetched at once."""
-    from concurrent.futures import ThreadPoolExecutor
+            metadata = ray.get(f.footer)
+        if unknown:
+            table = read_parquet(
+                f.uri,
+                [inp.responses_column],
+                config.storage,
+                size=f.size,
+                metadata=metadata,
+                row_groups=unknown,
+            )
+            lengths = pc.fill_null(pc.list_value_length(table[inp.responses_column]), 0)
+            candidates += int(pc.sum(lengths).as_py() or 0)
+            empty = int(pc.sum(pc.equal(lengths, 0)).as_py() or 0)
+        ids = None
+        if plan.has_id:
+            table = read_parquet(f.uri, [inp.id_column], config.storage, size=f.size, metadata=metadata)
+            ids = table[inp.id_column].combine_chunks().cast(pa.string())
+        return candidates, empty, ids
 
-    import pyarrow.parquet as pq
-
-    from visualprm_ray.job.inputs import FOOTER_THREADS
-    from visualprm_ray.storage import pyarrow_filesystem, redact, with_retries
-
-    fs, _ = pyarrow_filesystem(plan.uris[0], config.storage)
-
-    def read(i: int):
-        return with_retries(
-            lambda: pq.read_table(plan.files[i].path, filesystem=fs, columns=columns),
-            what=f"reading {redact(plan.uris[i])}",
-            retries=config.storage.retries,
-        )
-
-    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(plan.files))) as pool:
-        yield from pool.map(read, range(len(plan.files)))
+    results = parallel_map(scan, len(plan.files), threads=DATA_THREADS)
+    counts.groups_in = plan.num_rows
+    counts.candidates_in = sum(r[0] for r in results)
+    counts.empty_groups = sum(r[1] for r in results)
+    if not plan.has_id:
+        return counts, None
+    ids = [r[2] for r in results]
+    owners = np.repeat(np.arange(len(ids), dtype=np.int32), [len(a) for a in ids])
+    _check_unique_ids(config, plan, pa.concat_arrays(ids) if ids else pa.array([], pa.string()), owners)
+    return counts, ids
 
 
 def _check_unique_ids(config: JobConfig, plan: ReadPlan, ids, owners) -> None:
+    """Refuse null or repeated ids: by 64-bit hash first (8 bytes per id, where a hash table of the
+    strings cost ~130 bytes per id), then as strings among the few rows whose hash repeats."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from visualprm_ray.job.outputs import repeated_keys, string_hashes
     from visualprm_ray.storage import redact
 
     name = config.input.id_column
@@ -133,7 +149,12 @@ def _check_unique_ids(config: JobConfig, plan: ReadPlan, ids, owners) -> None:
         raise ValueError(
             f"{redact(plan.uris[owners[first]])}: a row has a null {name!r}; every group needs an id"
         )
-    table = pa.table({"id": ids, "n": pa.array(owners)})
+    hashes = string_hashes(ids)
+    suspects = repeated_keys(hashes.copy())
+    if not len(suspects):
+        return
+    rows = np.flatnonzero(np.isin(hashes, suspects))
+    table = pa.table({"id": ids.take(pa.array(rows)), "n": pa.array(owners[rows])})
     repeated = table.group_by("id").aggregate([("n", "count")]).filter(pc.greater(pc.field("n_count"), 1))
     if len(repeated):
         value = repeated["id"][0].as_py()
@@ -146,44 +167,70 @@ def _check_unique_ids(config: JobConfig, plan: ReadPlan, ids, owners) -> None:
 
 
 def count_output(config: JobConfig, counts: Counts, committed: Committed) -> Counts:
-    """Fill in what came out, from the output files alone, and check it against what went in."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    """Fill in what came out, from the output files alone, and check it against what went in.
 
-    from visualprm_ray.storage import pyarrow_filesystem
+    Every output file is read (its key and error columns only), many at once, and reduced to
+    counts and one 64-bit key per candidate row as it arrives
+    (:func:`~visualprm_ray.job.outputs.summarize_outputs`); the files an earlier attempt committed were read by the resume scan already and are not read
+    again. Keys that repeat are looked at again as ``(id, candidate_index)`` strings: the
+    duplicates reported are exact.
+    """
+    import numpy as np
 
-    earlier = set(committed.files)
-    keys: list[pa.Table] = []
-    ids: set[str] = set()
-    for uri in output_files(config):
-        fs, path = pyarrow_filesystem(uri, config.storage)
-        table = pq.read_table(
-            path, filesystem=fs, columns=["id", "candidate_index", "error", "error_kind", "error_stage"]
-        )
-        counts.rows_total += len(table)
-        ids.update(table["id"].to_pylist())
-        candidates = table.filter(pc.is_valid(table["candidate_index"]))
-        counts.empty_group_rows += len(table) - len(candidates)
-        keys.append(candidates.select(["id", "candidate_index"]))
-        if uri in earlier:
-            counts.skipped += len(candidates)
-            continue
-        counts.rows_out += len(table)
-        errored = candidates.filter(pc.is_valid(candidates["error"]))
-        counts.errored += len(errored)
-        counts.scored += len(candidates) - len(errored)
-        for stage, kind in zip(
-            errored["error_stage"].to_pylist(), errored["error_kind"].to_pylist(), strict=True
-        ):
-            counts.errors_by_stage[stage] = counts.errors_by_stage.get(stage, 0) + 1
-            counts.errors_by_kind[kind] = counts.errors_by_kind.get(kind, 0) + 1
-    if keys:
-        all_keys = pa.concat_tables(keys)
-        distinct = all_keys.group_by(["id", "candidate_index"]).aggregate([]).num_rows
-        counts.duplicates = len(all_keys) - distinct
-        counts.missing = max(0, counts.candidates_in - distinct)
-    else:
-        counts.missing = counts.candidates_in
-    counts.groups_in = counts.groups_in or len(ids)
+    from visualprm_ray.job.outputs import repeated_keys, summarize_outputs
+    from visualprm_ray.storage import list_files
+
+    listing = list_files(config.output.uri, config.storage, recursive=False, detail=True)
+    new = [i for i, (uri, _, _) in enumerate(listing) if uri not in committed.summaries]
+    scanned = summarize_outputs(config, [listing[i] for i in new], torn="raise")
+    # The keys of every file go into one array as each file's summary arrives, and the summary
+    # lets go of them: at 100M candidates the check holds 800 MB of keys once, never twice.
+    keys = np.empty(counts.candidates_in + 1024, np.uint64)
+    at = 0
+    for uri, _, _ in listing:
+        r = committed.summaries.get(uri) or next(scanned)
+        counts.rows_total += r.rows
+        counts.empty_group_rows += r.rows - r.candidates
+        if uri in committed.summaries:
+            counts.skipped += r.candidates
+        else:
+            counts.rows_out += r.rows
+            counts.errored += r.errored
+            counts.scored += r.candidates - r.errored
+            for name, into in (("by_stage", counts.errors_by_stage), ("by_kind", counts.errors_by_kind)):
+                for key, n in getattr(r, name).items():
+                    into[key] = into.get(key, 0) + n
+        if at + len(r.keys) > len(keys):  # more rows than candidates in: duplicates, or a changed input
+            keys = np.resize(keys, max(at + len(r.keys), len(keys) * 3 // 2))
+        keys[at : at + len(r.keys)] = r.keys
+        at += len(r.keys)
+        r.keys = r.ids = None
+    keys = keys[:at]
+    repeated = repeated_keys(keys)
+    counts.duplicates = _exact_duplicates(config, listing, repeated) if len(repeated) else 0
+    distinct = len(keys) - counts.duplicates
+    counts.missing = max(0, counts.candidates_in - distinct)
     return counts
+
+
+def _exact_duplicates(config: JobConfig, listing, repeated) -> int:
+    """Rows beyond the first of each ``(id, candidate_index)`` among the rows whose key repeats."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from visualprm_ray.job.outputs import DATA_THREADS, key_hashes
+    from visualprm_ray.storage import parallel_imap, read_parquet
+
+    def read(i: int):
+        uri, size, _ = listing[i]
+        table = read_parquet(uri, ["id", "candidate_index"], config.storage, size=size)
+        return table.filter(pc.is_valid(table["candidate_index"]))
+
+    pairs = []
+    for table in parallel_imap(read, len(listing), threads=DATA_THREADS):
+        keys = key_hashes(table["id"].combine_chunks(), table["candidate_index"].combine_chunks())
+        hit = np.isin(keys, repeated)
+        if hit.any():
+            rows = table.filter(hit)
+            pairs += zip(rows["id"].to_pylist(), rows["candidate_index"].to_pylist(), strict=True)
+    return len(pairs) - len(set(pairs))

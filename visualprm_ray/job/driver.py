@@ -28,6 +28,7 @@ __all__ = ["MANIFEST", "SUCCESS", "JobCheckError", "run_job"]
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+MANIFEST_FILES = 1000  # input files listed by name in the manifest
 
 
 def init_ray(config: JobConfig) -> None:
@@ -187,50 +188,69 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
             "scoring what it does not hold yet"
         )
         fs.rm(f"{path}/{SUCCESS}")
-    return _run(config, identity, [uri for uri, _, _ in listing], fingerprint, started, emit)
+    return _run(config, identity, listing, fingerprint, started, emit)
 
 
-def _run(
-    config: JobConfig, identity, uris: list[str], fingerprint: str, started: float, emit
-) -> dict[str, Any]:
+def _run(config: JobConfig, identity, listing, fingerprint: str, started: float, emit) -> dict[str, Any]:
     import ray
 
     from visualprm_ray.job import flat
     from visualprm_ray.job.journal import start_journal
     from visualprm_ray.job.pipeline import build_dataset
     from visualprm_ray.job.progress import ProgressPrinter
-    from visualprm_ray.job.resume import check_job_record, job_record, scan_committed
+    from visualprm_ray.job.resume import check_job_record, input_ids, job_record, plan_skips, scan_committed
+    from visualprm_ray.job.stages.write import rows_per_file
     from visualprm_ray.storage import fsspec_filesystem, pyarrow_filesystem, redact
 
     init_ray(config)
     apply_limits(config)
-    plan = plan_read(config, uris)
+    plan = plan_read(config, listing)
     resources = plan_resources(config)
-    counts = count_input(config, plan)
+    counts, ids = count_input(config, plan)
     check_job_record(config, job_record(config, identity))
     committed = scan_committed(config) if config.output.mode == "resume" else Committed()
     threads = (
         f" ({resources.cpu_threads_per_scorer} thread(s) each)" if resources.cpu_threads_per_scorer else ""
     )
+    grows = (
+        f" (up to {resources.max_scorers} as nodes join)"
+        if resources.max_scorers and resources.max_scorers > resources.num_scorers
+        else ""
+    )
     emit(
         f"[visualprm-ray] {len(plan.files)} file(s), layout {plan.layout}, {counts.candidates_in} candidates; "
-        f"{resources.num_scorers} scorer(s) on {resources.device}{threads}, {resources.num_preparers} preparer(s)"
+        f"{resources.num_scorers} scorer(s){grows} on {resources.device}{threads}, "
+        f"{resources.num_preparers} preparer(s)"
     )
     if committed.files or committed.removed:
         emit(
-            f"[visualprm-ray] resuming: {len(committed.ids)} group(s), {committed.candidates} candidate(s) "
+            f"[visualprm-ray] resuming: {committed.groups} group(s), {committed.candidates} candidate(s) "
             f"already committed in {len(committed.files)} file(s); skipped. Removed "
             f"{len(committed.removed)} torn or duplicate file(s)."
         )
     score_plan = plan
     if plan.layout == "flat":
         score_plan, counts.groups_in = flat.regrouped_plan(config, plan, emit=emit)
+    # What an earlier attempt committed is never read again: whole files and row groups are left
+    # out of the read tasks, and the rest's committed rows dropped by bitmaps decided here.
+    skip = {}
+    if committed.groups:
+        skip = plan_skips(
+            score_plan, input_ids(config, score_plan, ids if score_plan is plan else None), committed
+        )
+    del ids
+    left = sum(
+        n
+        for i, f in enumerate(score_plan.files)
+        for g, n in enumerate(f.row_group_rows)
+        if i not in skip or g not in skip[i].row_groups
+    )
     suffix = uuid.uuid4().hex[:8]
     progress_name, journal_name = f"visualprm-progress-{suffix}", f"visualprm-journal-{suffix}"
     journal = start_journal(journal_name)
-    skip_ids = ray.put(committed.id_array()) if committed.ids else None
     out_fs, out_path = pyarrow_filesystem(config.output.uri, config.storage)
     final: dict[str, float] = {}
+    scorers: dict[str, str] = {}  # the scoring actors that started: actor id -> node id
     try:
         with ProgressPrinter(
             progress_name,
@@ -238,7 +258,7 @@ def _run(
             total=counts.candidates_in - committed.candidates,
             emit=emit,
         ) as progress:
-            if score_plan.files:
+            if left:  # a resume of a run whose every group was committed starts no actor at all
                 ds = build_dataset(
                     config,
                     score_plan,
@@ -246,14 +266,14 @@ def _run(
                     model_identity=identity,
                     progress=progress_name,
                     journal=journal_name,
-                    skip_ids=skip_ids,
+                    skip=skip,
                 )
                 compression = None if config.output.compression == "none" else config.output.compression
                 try:
                     ds.write_parquet(
                         out_path,
                         filesystem=out_fs,
-                        min_rows_per_file=config.output.min_rows_per_file,
+                        min_rows_per_file=rows_per_file(config, score_plan, counts.candidates_in),
                         compression=compression,
                     )
                 except Exception as exc:
@@ -262,6 +282,7 @@ def _run(
                         raise
                     raise failure from exc
             final = progress.snapshot()
+            scorers = progress.started_actors().get("score", {})
     finally:
         ray.kill(journal)
     finished = time.time()
@@ -279,13 +300,23 @@ def _run(
             "revision": identity.revision,
         },
         "layout": plan.layout,
-        "input": {"fingerprint": fingerprint, "files": [redact(f) for f in plan.uris]},
-        "resources": resources.__dict__,
+        # The first files only: the manifest of a 100,000-file input stays small.
+        "input": {
+            "fingerprint": fingerprint,
+            "file_count": len(plan.uris),
+            "files": [redact(f) for f in plan.uris[:MANIFEST_FILES]],
+        },
+        # What ran, beside what was planned: a pool that grew, or restarted actors, show here.
+        "resources": {
+            **resources.__dict__,
+            "scorers_started": len(scorers),
+            "scorer_nodes": len(set(scorers.values())),
+        },
         "counts": counts.__dict__,
         "resume": {
             "files_kept": len(committed.files),
             "files_removed": [redact(f) for f in committed.removed],
-            "groups_skipped": len(committed.ids),
+            "groups_skipped": committed.groups,
         },
         "timings": {
             "started": started,

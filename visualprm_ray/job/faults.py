@@ -16,6 +16,8 @@ runtime environment, so a test can set it before starting a job on an already ru
   actors raise, as a model download that keeps failing or a bad GPU would;
 - ``state_dir``: a directory where the kills and failed starts are counted (an actor's memory
   dies with it);
+- ``score_delay_s``: sleep this long before scoring each batch, as a slower device would (the
+  scorers are then the pipeline's bottleneck: a pool-growth test needs a backlog);
 - ``oom_over_tokens``: make every language-model forward that attends over more than this many
   tokens (each row's or packed candidate's new tokens plus the prefix it attends to) raise
   ``torch.OutOfMemoryError``, as a GPU would.
@@ -41,6 +43,7 @@ class FaultPlan:
     fail_start: dict[str, int] = field(default_factory=dict)
     state_dir: str | None = None
     oom_over_tokens: int | None = None
+    score_delay_s: float = 0.0
 
     def kills_so_far(self, group_id: str, stage: str = "score") -> int:
         return self._count(self._log(group_id, stage))
@@ -60,8 +63,12 @@ class FaultPlan:
             f.write(f"{os.getpid()}\n")
 
     def before_score(self, ids: list[str]) -> None:
-        """Kill this process if the plan says so for one of ``ids``."""
+        """Kill this process if the plan says so for one of ``ids``; then wait, if it says so."""
         self._maybe_kill(ids, self.kill_on, "score")
+        if self.score_delay_s:
+            import time
+
+            time.sleep(self.score_delay_s)
 
     def before_prepare(self, ids: list[str]) -> None:
         self._maybe_kill(ids, self.prepare_kill_on, "prepare")

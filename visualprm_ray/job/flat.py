@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING
 
 from visualprm_ray.job import stages as col
-from visualprm_ray.job.inputs import InputFile, ReadPlan, fs_path
+from visualprm_ray.job.inputs import InputFile, ReadPlan
 
 if TYPE_CHECKING:
     from visualprm_ray.job.config import JobConfig
@@ -65,19 +65,16 @@ def regroup_dataset(config: JobConfig, plan: ReadPlan):
 
     from visualprm_ray.job.stages.read import InputGroups, Rename
     from visualprm_ray.job.stages.regroup import JoinImages, flat_to_group
-    from visualprm_ray.storage import pyarrow_filesystem
 
     inp = config.input
-    fs, _ = pyarrow_filesystem(plan.uris[0], config.storage)
     image = inp.image_column if inp.image_column in plan.schema.names else None
     light = [f for f in plan.schema if f.name != image]
     source = InputGroups(
         plan.files,
-        fs,
+        config.storage,
         schema=pa.schema(light),
         rows_per_block=max(1024, config.runtime.groups_per_batch * 16),
         row_positions=True,
-        retries=config.storage.retries,
     )
     ds = ray.data.read_datasource(source)
     ds = ds.map_batches(Rename(config, plan), batch_format="pyarrow", zero_copy_batch=True)
@@ -102,10 +99,9 @@ def regroup_dataset(config: JobConfig, plan: ReadPlan):
     return ds.map_batches(
         JoinImages(
             ray.put(plan.files),
-            fs,
+            config.storage,
             column=image,
             image_type=plan.schema.field(image).type,
-            retries=config.storage.retries,
             # input.keep_image_bytes: the image is also a passthrough column, one copy per candidate.
             passthrough=image if any(f.name == image for f in plan.passthrough) else None,
         ),
@@ -126,7 +122,7 @@ def _null_images(table):
 def regrouped_plan(config: JobConfig, plan: ReadPlan, *, emit=print) -> tuple[ReadPlan, int]:
     """The plan of the regrouped group rows (and how many groups), regrouping first unless an
     earlier attempt already did it for this very input."""
-    from visualprm_ray.job.inputs import read_footers
+    from visualprm_ray.job.inputs import keep_footer, read_footers
     from visualprm_ray.storage import fsspec_filesystem, list_files, pyarrow_filesystem, redact
 
     uri = regrouped_uri(config)
@@ -149,21 +145,24 @@ def regrouped_plan(config: JobConfig, plan: ReadPlan, *, emit=print) -> tuple[Re
         )
         out_fs, out_path = pyarrow_filesystem(uri, config.storage)
         regroup_dataset(config, plan).write_parquet(out_path, filesystem=out_fs)
-        uris = list_files(uri, config.storage, recursive=False)
-        groups = sum(m.num_rows for m, _ in read_footers(uris, config)) if uris else 0
+        listing = list_files(uri, config.storage, recursive=False, detail=True)
+        groups = sum(m.num_rows for m, _ in read_footers(listing, config))
         with fs.open(f"{path}/{MARKER}", "w") as f:
             json.dump({**record, "groups": groups, "seconds": time.time() - started}, f)
         emit(f"[visualprm-ray] regrouped into {groups} group(s) in {time.time() - started:.1f}s")
     else:
-        uris = list_files(uri, config.storage, recursive=False)
+        listing = list_files(uri, config.storage, recursive=False, detail=True)
         groups = int(done["groups"])
         emit(f"[visualprm-ray] reusing the regrouped input of an earlier attempt ({groups} group(s))")
-    footers = read_footers(uris, config) if uris else []
-    files = [InputFile.from_metadata(fs_path(u), m) for u, (m, _) in zip(uris, footers, strict=True)]
+    footers = read_footers(listing, config)
+    files = [
+        InputFile.from_metadata(u, m, size=size, footer=keep_footer(m))
+        for (u, size, _), (m, _) in zip(listing, footers, strict=True)
+    ]
     schema = footers[0][1] if footers else None
     return (
         ReadPlan(
-            uris=uris,
+            uris=[u for u, _, _ in listing],
             files=files,
             layout="flat",
             passthrough=plan.passthrough,

@@ -1,7 +1,7 @@
 """The input as the driver sees it: the files, their schemas and row groups, the layout.
 
 The driver plans the read before any Ray work starts (:func:`plan_read`): it lists the input,
-reads **every** file's footer (many at once), and refuses a job whose files disagree on the columns
+reads **every** file's footer (many at once, one request each), and refuses a job whose files disagree on the columns
 it reads (:class:`InputSchemaError`, naming the file and the difference). pyarrow would otherwise
 skip a column a file lacks without a word, and a later file with its image column renamed would be
 scored as text-only. The read stage (:mod:`visualprm_ray.job.stages.read`) then cuts its tasks from
@@ -11,9 +11,8 @@ needs Ray.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
@@ -22,9 +21,6 @@ if TYPE_CHECKING:
     import pyarrow.parquet as pq
 
     from visualprm_ray.job.config import JobConfig
-
-# Footers are small and object stores answer many requests at once: the driver reads this many at a time.
-FOOTER_THREADS = 32
 
 
 class InputSchemaError(ValueError):
@@ -35,15 +31,30 @@ class InputSchemaError(ValueError):
 class InputFile:
     """One input file's row groups, from its footer: the units read tasks are cut from."""
 
-    path: str  # on the input's pyarrow filesystem
+    uri: str  # the file's full URI (a local path, s3://...)
     row_group_rows: tuple[int, ...]
     row_group_bytes: tuple[int, ...]  # uncompressed, all columns (an upper bound for a projection)
     relpath: str = ""  # relative to the input root: the prefix of the ids derived for its rows
     # Uncompressed bytes of each top-level column, summed over the row groups.
     column_bytes: tuple[tuple[str, int], ...] = ()
+    size: int | None = None  # bytes, from the listing: opening the file needs no HEAD request
+    # The footer in Ray's object store (when Ray runs): read tasks reuse it instead of reading it
+    # again, once per task, which cost time quadratic in a file's row groups.
+    footer: Any = field(default=None, compare=False, repr=False)
+    # Grouped layout: each row group's candidates as its footer tells them (the responses column's
+    # leaf values, when its statistics show no null and no empty list), else None: read to count.
+    candidates: tuple[int | None, ...] = ()
 
     @classmethod
-    def from_metadata(cls, path: str, metadata: pq.FileMetaData, relpath: str = "") -> InputFile:
+    def from_metadata(
+        cls,
+        uri: str,
+        metadata: pq.FileMetaData,
+        relpath: str = "",
+        *,
+        size: int | None = None,
+        footer: Any = None,
+    ) -> InputFile:
         groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
         sizes: dict[str, int] = {}
         for g in groups:
@@ -52,16 +63,31 @@ class InputFile:
                 name = chunk.path_in_schema.split(".", 1)[0]
                 sizes[name] = sizes.get(name, 0) + chunk.total_uncompressed_size
         return cls(
-            path,
+            uri,
             tuple(g.num_rows for g in groups),
             tuple(g.total_byte_size for g in groups),
-            relpath or path.rsplit("/", 1)[-1],
+            relpath or uri.rsplit("/", 1)[-1],
             tuple(sorted(sizes.items())),
+            size,
+            footer,
         )
 
     @property
     def num_rows(self) -> int:
         return sum(self.row_group_rows)
+
+
+@dataclass(frozen=True)
+class FileSkip:
+    """What an earlier attempt committed of one input file, as the read must skip it.
+
+    ``row_groups``: committed whole, never read; ``rows``: for a partly committed row group, a
+    bitmap (``np.packbits``) of its rows to drop. Decided once on the driver, so a read task
+    never looks ids up in the set of committed ids.
+    """
+
+    row_groups: frozenset[int] = frozenset()
+    rows: dict[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,26 +134,32 @@ def _compatible(a: pa.DataType, b: pa.DataType) -> bool:
     return pa.types.is_null(a) or pa.types.is_null(b) or _normal(a) == _normal(b)
 
 
-def _read_footer(uri: str, config: JobConfig) -> tuple[pq.FileMetaData, pa.Schema]:
+def read_footers(
+    listing: list[tuple[str, int, str]], config: JobConfig
+) -> list[tuple[pq.FileMetaData, pa.Schema]]:
+    """Every listed file's footer (``(uri, size, version)`` entries), many at once, in order.
+
+    One request per file (its last 64 KiB; two when the footer is bigger), no HEAD: the listing
+    gave the size.
+    """
     import pyarrow.parquet as pq
 
-    from visualprm_ray.storage import pyarrow_filesystem, redact, with_retries
+    from visualprm_ray.storage import TornFile, open_for_read, parallel_map, redact, with_retries
 
-    fs, path = pyarrow_filesystem(uri, config.storage)
+    def read(i: int) -> tuple[pq.FileMetaData, pa.Schema]:
+        uri, size, _ = listing[i]
 
-    def read() -> tuple[pq.FileMetaData, pa.Schema]:
-        with pq.ParquetFile(path, filesystem=fs) as parquet:
-            return parquet.metadata, parquet.schema_arrow
+        def once() -> tuple[pq.FileMetaData, pa.Schema]:
+            with open_for_read(uri, config.storage, size=size) as f:
+                try:
+                    parquet = pq.ParquetFile(f)
+                except pa.ArrowInvalid as exc:
+                    raise TornFile(f"{redact(uri)} is not a valid Parquet file: {exc}") from None
+                return parquet.metadata, parquet.schema_arrow
 
-    return with_retries(read, what=f"reading the footer of {redact(uri)}", retries=config.storage.retries)
+        return with_retries(once, what=f"reading the footer of {redact(uri)}", retries=config.storage.retries)
 
-
-def read_footers(uris: list[str], config: JobConfig) -> list[tuple[pq.FileMetaData, pa.Schema]]:
-    """Every file's footer, :data:`FOOTER_THREADS` at a time (in order)."""
-    if len(uris) <= 1:
-        return [_read_footer(u, config) for u in uris]
-    with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(uris))) as pool:
-        return list(pool.map(lambda u: _read_footer(u, config), uris))
+    return parallel_map(read, len(listing))
 
 
 def relative_names(input_uri: str, uris: list[str]) -> list[str]:
@@ -150,16 +182,17 @@ def relative_names(input_uri: str, uris: list[str]) -> list[str]:
     return out
 
 
-def plan_read(config: JobConfig, uris: list[str] | None = None) -> ReadPlan:
-    """List the input (unless the driver did: ``uris``), read every footer, decide the layout and
-    the columns, check every file."""
+def plan_read(config: JobConfig, listing: list[tuple[str, int, str]] | None = None) -> ReadPlan:
+    """List the input (unless the driver did: ``listing``, ``(uri, size, version)`` entries), read
+    every footer, decide the layout and the columns, check every file."""
     from visualprm_ray.storage import list_files
 
-    if uris is None:
-        uris = list_files(config.input.uri, config.storage)
+    if listing is None:
+        listing = list_files(config.input.uri, config.storage, detail=True)
+    uris = [uri for uri, _, _ in listing]
     if not uris:
         raise FileNotFoundError(f"no Parquet files under {config.input.uri}")
-    footers = read_footers(uris, config)
+    footers = read_footers(listing, config)
     first = footers[0][1]
     inp = config.input
     names = set(first.names)
@@ -220,11 +253,14 @@ def plan_read(config: JobConfig, uris: list[str] | None = None) -> ReadPlan:
     schema = pa.schema([pa.field(c, _normal(first.field(c).type)) for c in read])
     relpaths = relative_names(inp.uri, uris)
     files = []
-    for uri, relpath, (metadata, file_schema) in zip(uris, relpaths, footers, strict=True):
+    for (uri, size, _), relpath, (metadata, file_schema) in zip(listing, relpaths, footers, strict=True):
         _check_file(
             uri, file_schema, first, schema, optional, chosen_all=inp.passthrough == "all", known=known
         )
-        files.append(InputFile.from_metadata(fs_path(uri), metadata, relpath))
+        file = InputFile.from_metadata(uri, metadata, relpath, size=size, footer=keep_footer(metadata))
+        if layout == "grouped":
+            file = replace(file, candidates=list_lengths_from_footer(metadata, inp.responses_column))
+        files.append(file)
     return ReadPlan(
         uris=uris,
         files=files,
@@ -235,6 +271,39 @@ def plan_read(config: JobConfig, uris: list[str] | None = None) -> ReadPlan:
         candidate_index_column=index_column,
         schema=schema,
     )
+
+
+def list_lengths_from_footer(metadata: pq.FileMetaData, column: str) -> tuple[int | None, ...]:
+    """Per row group, the total length of the lists in ``column``, when the footer alone says it.
+
+    A list column's leaf holds one value per element, plus one per null or empty list. With no
+    nulls at all in the leaf's statistics there is neither, and the leaf's value count is the
+    number of elements: the candidates are counted without reading a byte of their text.
+    """
+    out: list[int | None] = []
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        leaves = [group.column(c) for c in range(group.num_columns)]
+        leaves = [c for c in leaves if c.path_in_schema.split(".", 1)[0] == column]
+        count = None
+        if len(leaves) == 1 and leaves[0].path_in_schema != column:
+            stats = leaves[0].statistics
+            if stats is not None and stats.has_null_count and stats.null_count == 0:
+                count = leaves[0].num_values
+        if group.num_rows == 0:
+            count = 0
+        out.append(count)
+    return tuple(out)
+
+
+def keep_footer(metadata: pq.FileMetaData) -> Any:
+    """The footer in Ray's object store when Ray runs (the read tasks take it from there), else None.
+
+    Not kept in the driver's memory: 100,000 files' footers would take gigabytes there.
+    """
+    import ray
+
+    return ray.put(metadata) if ray.is_initialized() else None
 
 
 def fs_path(uri: str) -> str:
@@ -274,10 +343,10 @@ def _check_file(
             problems.append(
                 f"has column(s) {new} that the first file lacks (passthrough 'all' follows the first file)"
             )
-    for field in read:
-        if field.name in names and not _compatible(schema.field(field.name).type, field.type):
+    for column in read:
+        if column.name in names and not _compatible(schema.field(column.name).type, column.type):
             problems.append(
-                f"column {field.name!r} is {schema.field(field.name).type}, the first file's is {field.type}"
+                f"column {column.name!r} is {schema.field(column.name).type}, the first file's is {column.type}"
             )
     if problems:
         raise InputSchemaError(

@@ -44,6 +44,9 @@ class Resources:
     num_preparers: int
     # Torch threads of each CPU scorer; None on GPU, where torch's default is left alone.
     cpu_threads_per_scorer: int | None = None
+    # The pools may grow to these sizes as nodes join (runtime.max_scorers); at least their starting sizes.
+    max_scorers: int | None = None
+    max_preparers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,16 @@ def plan_layout(config: JobConfig, cluster: Cluster, parameters: int | None) -> 
     # Leave CPUs for the read tasks: actor pools holding every CPU starve them and the job hangs.
     spare = max(cluster.cpu_tokens - num_scorers * rt.cpus_per_scorer - 1, rt.cpus_per_preparer)
     num_preparers = rt.num_preparers or max(1, min(int(spare / rt.cpus_per_preparer), wanted_preparers))
+    max_scorers = max(num_scorers, rt.max_scorers or num_scorers)
     return Resources(
         device=device,
         num_scorers=num_scorers,
         gpus_per_scorer=rt.gpus_per_scorer if device == "cuda" else 0,
         num_preparers=num_preparers,
         cpu_threads_per_scorer=threads,
+        max_scorers=max_scorers,
+        # Nodes that join bring CPUs too: preparers follow the scorers (two each), unless set.
+        max_preparers=num_preparers if rt.num_preparers else max(num_preparers, 2 * max_scorers),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from visualprm_ray.job.inputs import ReadPlan
+from visualprm_ray.job.inputs import FileSkip, ReadPlan
 from visualprm_ray.job.layout import Resources
 from visualprm_ray.job.stages.aggregate import aggregate
 from visualprm_ray.job.stages.prepare import PrepareStage
@@ -29,13 +29,13 @@ def build_dataset(
     model_identity: ModelIdentity | None = None,
     progress: str | None = None,
     journal: str | None = None,
-    skip_ids=None,
+    skip: dict[int, FileSkip] | None = None,
 ):
     """The lazy dataset of output rows (candidate rows in the output schema).
 
     ``model_identity`` pins the model: every actor refuses to load anything else;
     ``journal`` names the crash journal actor (poison-row isolation, :mod:`visualprm_ray.job.journal`);
-    ``skip_ids`` is an object-store reference to the ids already committed (resume).
+    ``skip`` is what an earlier attempt committed, for the read to leave out (resume).
     """
     from ray.data import ActorPoolStrategy
 
@@ -46,9 +46,7 @@ def build_dataset(
     # Test-only fault injection travels to the actors only when the driver has it set.
     runtime_env = {"env_vars": fault_env} if fault_env else None
     pinned = model_identity.to_dict() if model_identity is not None else None
-    ds = read_groups(
-        config, plan, rows_per_block=rows_per_block(config, plan, plan.num_rows), skip_ids=skip_ids
-    )
+    ds = read_groups(config, plan, rows_per_block=rows_per_block(config, plan, plan.num_rows), skip=skip)
     # Ray Data restarts a dead actor and retries its batch without limit (max_restarts and
     # max_task_retries -1, its defaults for actor pools: a lost node or a preemption never fails
     # the job); the journal bounds what a poison group can cost (:mod:`visualprm_ray.job.journal`).
@@ -61,7 +59,7 @@ def build_dataset(
             "progress": progress,
             "journal": journal,
         },
-        compute=ActorPoolStrategy(min_size=1, max_size=resources.num_preparers),
+        compute=ActorPoolStrategy(min_size=1, max_size=resources.max_preparers or resources.num_preparers),
         num_cpus=rt.cpus_per_preparer,
         batch_size=rt.groups_per_batch,
         batch_format="pyarrow",
@@ -78,7 +76,10 @@ def build_dataset(
             "progress": progress,
             "journal": journal,
         },
-        compute=ActorPoolStrategy(size=resources.num_scorers),
+        # The pool starts at what the cluster holds and grows as nodes join, up to max_scorers.
+        compute=ActorPoolStrategy(
+            min_size=resources.num_scorers, max_size=resources.max_scorers or resources.num_scorers
+        ),
         num_cpus=rt.cpus_per_scorer,
         num_gpus=resources.gpus_per_scorer,
         batch_size=rt.groups_per_batch,

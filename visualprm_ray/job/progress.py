@@ -23,6 +23,8 @@ def _actor_class():
             from ray.util.metrics import Counter, Gauge, Histogram
 
             self.counts: dict[str, float] = {"scored": 0, "errored": 0, "tokens": 0}
+            # Each stage's actors as they started (actor id -> node id): a pool that grew shows it here.
+            self.started: dict[str, dict[str, str]] = {}
             self.metrics = {
                 "scored": Counter("visualprm_candidates_scored", description="Candidates scored."),
                 "errored": Counter(
@@ -56,8 +58,14 @@ def _actor_class():
                     self.counts["first_batch"] = counts["scored"]
                 self.counts["last_report"] = now
 
+        def started_on(self, stage: str, actor_id: str, node_id: str) -> None:
+            self.started.setdefault(stage, {})[actor_id] = node_id
+
         def snapshot(self) -> dict[str, float]:
             return dict(self.counts)
+
+        def started_actors(self) -> dict[str, dict[str, str]]:
+            return {stage: dict(actors) for stage, actors in self.started.items()}
 
     return ProgressCounter
 
@@ -79,6 +87,13 @@ class ProgressReporter:
 
     def add(self, **counts: int) -> None:
         self.handle.add.remote(**counts)
+
+    def started(self, stage: str) -> None:
+        """Record that this actor of ``stage`` started, and on which node."""
+        import ray
+
+        context = ray.get_runtime_context()
+        self.handle.started_on.remote(stage, context.get_actor_id() or "", context.get_node_id())
 
 
 class ProgressPrinter:
@@ -104,6 +119,11 @@ class ProgressPrinter:
         import ray
 
         return ray.get(self.actor.snapshot.remote())
+
+    def started_actors(self) -> dict[str, dict[str, str]]:
+        import ray
+
+        return ray.get(self.actor.started_actors.remote())
 
     def line(self) -> str:
         counts = self.snapshot()

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.job.inputs import FileSkip, ReadPlan
+    from visualprm_ray.job.outputs import OutputSummary
     from visualprm_ray.model.source import ModelIdentity
 
 logger = logging.getLogger(__name__)
@@ -49,15 +51,16 @@ class Committed:
     """The groups earlier attempts committed to the output."""
 
     files: list[str] = field(default_factory=list)
-    ids: list[str] = field(default_factory=list)
+    ids: pa.Array | None = None  # the committed groups' ids, each once (Arrow strings)
     candidates: int = 0  # candidate rows (non-null candidate_index)
     empty_groups: int = 0  # rows of groups that had no candidates
     removed: list[str] = field(default_factory=list)  # torn or duplicate files deleted
+    # Each kept file reduced for the count check, which then does not read it again.
+    summaries: dict[str, OutputSummary] = field(default_factory=dict)
 
-    def id_array(self) -> pa.Array:
-        import pyarrow as pa
-
-        return pa.array(self.ids, pa.string())
+    @property
+    def groups(self) -> int:
+        return 0 if self.ids is None else len(self.ids)
 
 
 def output_files(config: JobConfig) -> list[str]:
@@ -70,58 +73,108 @@ def output_files(config: JobConfig) -> list[str]:
     return list_files(config.output.uri, config.storage, recursive=False)
 
 
-def _read_keys(uri: str, config: JobConfig) -> pa.Table | None:
-    """The file's (id, candidate_index) columns; None when the file is torn (not valid Parquet)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from visualprm_ray.storage import pyarrow_filesystem, redact, with_retries
-
-    fs, path = pyarrow_filesystem(uri, config.storage)
-    try:
-        return with_retries(
-            lambda: pq.read_table(path, filesystem=fs, columns=["id", "candidate_index"]),
-            what=f"read {redact(uri)}",
-            retries=config.storage.retries,
-        )
-    except pa.ArrowInvalid:
-        # Only a malformed file lands here (no footer, zero bytes); a network error is an OSError
-        # and propagates after the retries, so a good file is never deleted for a bad connection.
-        return None
-
-
 def scan_committed(config: JobConfig, *, delete: bool = True) -> Committed:
-    """Find the committed groups in the output; delete torn and duplicate files when ``delete``."""
-    from visualprm_ray.storage import fsspec_filesystem, redact
+    """Find the committed groups in the output; delete torn and duplicate files when ``delete``.
+
+    Every output file's key and error columns are read, many files at once
+    (:func:`visualprm_ray.job.outputs.summarize_outputs`). A file that repeats a group found in an
+    earlier one (by hash of its ids: a collision only ever deletes a good file, whose groups are
+    then scored again, never loses one) is a straggler's.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from visualprm_ray.job.outputs import key_hashes, summarize_outputs
+    from visualprm_ray.storage import fsspec_filesystem, list_files, redact
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
     if not fs.exists(path):
         return Committed()
+    listing = list_files(config.output.uri, config.storage, recursive=False, detail=True)
+    scanned = list(summarize_outputs(config, listing, torn="none"))
+    readable = [i for i, r in enumerate(scanned) if r is not None]
+    hashes = [key_hashes(scanned[i].ids) for i in readable]
+    owner = np.repeat(np.asarray(readable, np.int64), [len(h) for h in hashes])
+    flat = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    order = np.lexsort((owner, flat))  # by hash, then file: the first file of a hash keeps it
+    later = np.zeros(len(flat), bool)
+    later[1:] = flat[order][1:] == flat[order][:-1]
+    repeats = set(owner[order][later].tolist())
+
     committed = Committed()
-    seen: set[str] = set()
-    for uri in output_files(config):
-        keys = _read_keys(uri, config)
-        reason = None
-        if keys is None:
-            reason = "torn (not a complete Parquet file)"
-        else:
-            ids = keys["id"].to_pylist()
-            if seen.intersection(ids):
-                reason = "it repeats groups committed in another file"
+    kept_ids = []
+    for i, ((uri, _, _), result) in enumerate(zip(listing, scanned, strict=True)):
+        reason = "torn (not a complete Parquet file)" if result is None else None
+        if reason is None and i in repeats:
+            reason = "it repeats groups committed in another file"
         if reason is not None:
             committed.removed.append(uri)
             logger.warning("resume: removing %s: %s", redact(uri), reason)
             if delete:
                 fs.rm(fsspec_filesystem(uri, config.storage)[1])
             continue
-        unique = set(ids)
-        seen |= unique
         committed.files.append(uri)
-        committed.ids.extend(unique)
-        nulls = keys["candidate_index"].null_count
-        committed.empty_groups += nulls
-        committed.candidates += len(keys) - nulls
+        committed.summaries[uri] = result
+        kept_ids.append(result.ids)
+        result.ids = None  # held once, in committed.ids
+        committed.empty_groups += result.rows - result.candidates
+        committed.candidates += result.candidates
+    committed.ids = pa.concat_arrays(kept_ids) if kept_ids else pa.array([], pa.string())
     return committed
+
+
+def plan_skips(plan: ReadPlan, ids: list[pa.Array], committed: Committed) -> dict[int, FileSkip]:
+    """What the read must leave out: row groups committed whole, and rows of the others.
+
+    ``ids`` are each input file's group ids in row order. The committed ids are looked up once,
+    here (by 64-bit hash, then compared as strings: :func:`~visualprm_ray.job.outputs.exact_isin`);
+    a read task gets bitmaps of the rows to drop, never the ids.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from visualprm_ray.job.inputs import FileSkip
+    from visualprm_ray.job.outputs import exact_isin
+
+    if not committed.groups or not ids:
+        return {}
+    done = exact_isin(pa.concat_arrays([a.cast(pa.string()) for a in ids]), committed.ids)
+    skips: dict[int, FileSkip] = {}
+    start = 0
+    for index, file in enumerate(plan.files):
+        whole, rows = set(), {}
+        for group, n in enumerate(file.row_group_rows):
+            mask = done[start : start + n]
+            start += n
+            if n and mask.all():
+                whole.add(group)
+            elif mask.any():
+                rows[group] = np.packbits(mask).tobytes()
+        if whole or rows:
+            skips[index] = FileSkip(frozenset(whole), rows)
+    return skips
+
+
+def input_ids(config: JobConfig, plan: ReadPlan, given: list[pa.Array] | None) -> list[pa.Array]:
+    """Each input file's group ids in row order: the id column's (read while counting), the ids
+    derived from path and row, or for a regrouped flat input its group rows' ids."""
+    import numpy as np
+
+    from visualprm_ray.job import stages as col
+    from visualprm_ray.job.outputs import DATA_THREADS
+    from visualprm_ray.job.stages.read import derived_ids
+    from visualprm_ray.storage import parallel_map, read_parquet
+
+    if plan.internal:
+
+        def read(i: int):
+            f = plan.files[i]
+            return read_parquet(f.uri, [col.ID], config.storage, size=f.size)[col.ID].combine_chunks()
+
+        return parallel_map(read, len(plan.files), threads=DATA_THREADS)
+    if given is not None:
+        return given
+    return [derived_ids(f.relpath, np.arange(f.num_rows, dtype=np.int64)) for f in plan.files]
 
 
 # What the scores depend on besides the model: a resume under any other value is refused. Throughput

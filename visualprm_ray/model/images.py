@@ -54,6 +54,13 @@ class _pil_bomb_check_off:
         Image.MAX_IMAGE_PIXELS = self._saved
 
 
+def resolve_uri(uri: str, root: str | None = None) -> str:
+    """A relative path under ``root``; anything else (absolute paths, URIs) as it is."""
+    if "://" not in uri and not Path(uri).is_absolute() and root:
+        return root.rstrip("/") + "/" + uri
+    return uri
+
+
 def read_uri_bytes(
     uri: str,
     *,
@@ -63,22 +70,54 @@ def read_uri_bytes(
 ) -> bytes:
     """Bytes of a local path or any fsspec URI (``s3://``, ``gs://``...), relative paths under ``root``.
 
-    At most ``max_bytes + 1`` bytes are read: an oversized file costs the limit, not its size.
+    One request: a GET of at most ``max_bytes + 1`` bytes (an oversized file costs the limit, not
+    its size), with no HEAD before it.
     """
-    from visualprm_ray.storage import fsspec_filesystem, with_retries
+    from visualprm_ray.storage import read_range, with_retries
 
-    if "://" not in uri and not Path(uri).is_absolute() and root:
-        uri = root.rstrip("/") + "/" + uri
-    fs, path = fsspec_filesystem(uri, options)
-
-    def read() -> bytes:
-        with fs.open(path, "rb") as f:
-            return f.read() if max_bytes is None else f.read(max_bytes + 1)
-
+    resolved = resolve_uri(uri, root)
+    end = None if max_bytes is None else max_bytes + 1
     try:
-        return with_retries(read, what=f"reading image {uri}", retries=options.retries if options else 5)
+        return with_retries(
+            lambda: read_range(resolved, options, end=end),
+            what=f"reading image {uri}",
+            retries=options.retries if options else 5,
+        )
     except (FileNotFoundError, IsADirectoryError) as exc:
-        raise ImageError(f"image not found: {uri}", kind="image_missing") from exc
+        where = f" (resolved against images.root {root!r} as {resolved})" if resolved != uri else ""
+        raise ImageError(f"image not found: {uri}{where}", kind="image_missing") from exc
+
+
+def image_uris(obj: Any) -> list[str]:
+    """The paths/URIs an image cell refers to (for fetching them ahead, together)."""
+    if isinstance(obj, (list, tuple)):
+        return [u for item in obj for u in image_uris(item)]
+    if isinstance(obj, dict) and obj.get("bytes") is None and obj.get("path"):
+        return [str(obj["path"])]
+    if isinstance(obj, (str, Path)):
+        return [str(obj)]
+    return []
+
+
+def fetch_uris(
+    uris: list[str],
+    *,
+    root: str | None = None,
+    options: StorageOptions | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, bytes | ImageError]:
+    """Every distinct URI's bytes (or its error), fetched concurrently: one request each."""
+    from visualprm_ray.storage import parallel_map
+
+    distinct = list(dict.fromkeys(uris))
+
+    def fetch(i: int) -> bytes | ImageError:
+        try:
+            return read_uri_bytes(distinct[i], root=root, options=options, max_bytes=max_bytes)
+        except ImageError as exc:
+            return exc
+
+    return dict(zip(distinct, parallel_map(fetch, len(distinct), threads=16), strict=True))
 
 
 def _check_pixels(image: Image.Image, max_pixels: int | None, name: str) -> None:
@@ -103,8 +142,12 @@ def load_image(
     max_bytes: int | None = None,
     root: str | None = None,
     options: StorageOptions | None = None,
+    fetched: dict[str, bytes | ImageError] | None = None,
 ) -> Image.Image:
-    """A PIL image from a PIL image, encoded bytes, a HF ``{bytes, path}`` dict, or a path/URI."""
+    """A PIL image from a PIL image, encoded bytes, a HF ``{bytes, path}`` dict, or a path/URI.
+
+    ``fetched`` holds paths/URIs already read (:func:`fetch_uris`): those are not read again.
+    """
     from PIL import Image
 
     if isinstance(obj, Image.Image):
@@ -124,7 +167,11 @@ def load_image(
         return open_image_bytes(bytes(obj), max_pixels=max_pixels)
     if isinstance(obj, (str, Path)):
         uri = str(obj)
-        data = read_uri_bytes(uri, root=root, options=options, max_bytes=max_bytes)
+        data = fetched.get(uri) if fetched is not None else None
+        if isinstance(data, ImageError):
+            raise data
+        if data is None:
+            data = read_uri_bytes(uri, root=root, options=options, max_bytes=max_bytes)
         if max_bytes is not None and len(data) > max_bytes:
             # Only max_bytes + 1 bytes were read: the true size is unknown, and need not be.
             raise ImageError(f"{uri} has more than {max_bytes} bytes, the limit", kind="image_too_large")

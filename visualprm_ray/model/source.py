@@ -72,17 +72,23 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def content_identity(directory: str | Path, cache_dir: str | os.PathLike[str] | None = None) -> ModelIdentity:
+def content_identity(
+    directory: str | Path,
+    cache_dir: str | os.PathLike[str] | None = None,
+    patterns: tuple[str, ...] | None = None,
+) -> ModelIdentity:
     """The sha256 of every model file of a local directory; unchanged files are not read again.
 
     The per-file digests are kept in the node's cache next to the file versions they belong to
     (size, mtime, inode): a file rewritten in place gets a new mtime (or size) and is hashed again.
     A lock per directory keeps the actors of one node from hashing the same files at once.
+    ``patterns`` limits it to the files they keep (a preparer checks its tokenizer, not 16 GB of
+    weights it never reads).
     """
-    from visualprm_ray.storage import exclusive_lock, local_model_files
+    from visualprm_ray.storage import MODEL_FILE_PATTERNS, exclusive_lock, local_model_files
 
     directory = Path(directory).resolve()
-    names = local_model_files(directory)
+    names = local_model_files(directory, patterns or MODEL_FILE_PATTERNS)
     if not names:
         raise ModelIdentityError(f"{directory} holds no model files")
     cache = _identity_cache(cache_dir)
@@ -105,7 +111,12 @@ def content_identity(directory: str | Path, cache_dir: str | os.PathLike[str] | 
             )
             files[name] = {"size": st.st_size, "sha256": digest}
             stamps[name] = stamp
-        record = {"directory": str(directory), "files": {n: {**files[n], "stamp": stamps[n]} for n in names}}
+        # Files hashed before and not looked at now (another pattern) stay in the record.
+        kept = {n: e for n, e in known.items() if n not in files}
+        record = {
+            "directory": str(directory),
+            "files": {**kept, **{n: {**files[n], "stamp": stamps[n]} for n in names}},
+        }
         tmp = record_path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
         os.replace(tmp, record_path)
@@ -137,16 +148,26 @@ def resolve_model_source(
     storage: StorageOptions | None = None,
     cache_dir: str | None = None,
     pinned: ModelIdentity | None = None,
+    patterns: tuple[str, ...] | None = None,
 ) -> Path:
     """A local directory for a model source: a directory as is, an object-store prefix downloaded
     once per node into the cache, otherwise a hub id (where a hub is reachable).
 
     With ``pinned`` the directory is the pinned model or :class:`ModelIdentityError` is raised.
+    ``patterns`` (e.g. :data:`visualprm_ray.storage.PREPROCESSING_PATTERNS`) narrows what is fetched
+    and checked to the files that match.
     """
+    from visualprm_ray.storage import MODEL_FILE_PATTERNS, _wanted
+
+    patterns = patterns or MODEL_FILE_PATTERNS
     path = Path(source)
     if path.is_dir():
         if pinned is not None:
-            _check(str(source), pinned, content_identity(path, cache_dir))
+            found = content_identity(path, cache_dir, patterns)
+            wanted = ModelIdentity(
+                pinned.kind, {k: v for k, v in pinned.files.items() if _wanted(k, patterns)}
+            )
+            _check(str(source), wanted, found)
         return path
     text = str(source)
     if "://" in text:
@@ -156,7 +177,7 @@ def resolve_model_source(
         if pinned is not None and expected is None:
             raise ModelIdentityError(f"{text} is pinned to a {pinned.kind} identity, not an object-store one")
         try:
-            return local_model_dir(text, storage, cache_dir, expected=expected)
+            return local_model_dir(text, storage, cache_dir, expected=expected, patterns=patterns)
         except ModelChangedError as exc:
             raise ModelIdentityError(f"refusing to load {exc}") from None
     from huggingface_hub import snapshot_download
@@ -166,7 +187,8 @@ def resolve_model_source(
         if pinned.kind != "hub":
             raise ModelIdentityError(f"{text} is pinned to a {pinned.kind} identity, not a hub one")
         revision = pinned.revision
-    return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
+    allow = HUB_PATTERNS if patterns == MODEL_FILE_PATTERNS else list(patterns)
+    return Path(snapshot_download(text, revision=revision, allow_patterns=allow))
 
 
 def _check(source: str, pinned: ModelIdentity, found: ModelIdentity) -> None:

@@ -460,7 +460,10 @@ def _run_section(run: Run, summary: Summary) -> str:
         ("model identity", f'<code title="{_e(fingerprint)}">{_e(fingerprint[:23])}</code>'),
         ("status", _e(m.get("status", "–"))),
         ("layout", _e(m.get("layout", "–"))),
-        ("input files", _fmt(len((m.get("input") or {}).get("files") or []))),
+        (
+            "input files",
+            _fmt((m.get("input") or {}).get("file_count", len((m.get("input") or {}).get("files") or []))),
+        ),
         ("output files", _fmt(len(run.files))),
         ("started", _when(timings.get("started"))),
         ("finished", _when(timings.get("finished"))),

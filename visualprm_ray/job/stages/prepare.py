@@ -80,6 +80,7 @@ class PrepareStage:
 
         self.config = config
         self.faults = faults.active_plan()
+        self._fetched: dict = {}  # the current batch's images read by path/URI
         start(STAGE, lambda: self._load(model_dir, model_identity))
         self.system_message = config.model.system_message or self.info.system_message
         self.max_context = config.scoring.max_context or self.info.max_context
@@ -95,8 +96,15 @@ class PrepareStage:
             self.faults.before_start(STAGE)
         config = self.config
         pinned = ModelIdentity.from_dict(model_identity) if model_identity else None
+        from visualprm_ray.storage import PREPROCESSING_PATTERNS
+
+        # Config and tokenizer only: a CPU node never fetches (or hashes) the weights.
         directory = resolve_model_source(
-            model_dir, storage=config.storage, cache_dir=config.model.cache_dir, pinned=pinned
+            model_dir,
+            storage=config.storage,
+            cache_dir=config.model.cache_dir,
+            pinned=pinned,
+            patterns=PREPROCESSING_PATTERNS,
         )
         self.tokenizer, self.info = load_preprocessing(directory, config.model.tokenizer)
 
@@ -112,6 +120,7 @@ class PrepareStage:
                     max_bytes=images.max_bytes,
                     root=images.root,
                     options=self.config.storage,
+                    fetched=self._fetched,
                 ),
                 max_tiles=self.max_tiles,
                 tile_size=self.info.image_size,
@@ -222,9 +231,21 @@ class PrepareStage:
         return out
 
     def _prepare_rows(self, ids, rows):
+        from visualprm_ray.model.images import fetch_uris, image_uris
+
         if self.faults is not None:
             self.faults.before_prepare(list(ids))
-        return [self.prepare_row(row) for row in rows]
+        images = self.config.images
+        # Every image the batch refers to by path or URI, fetched at once (one GET each) rather
+        # than one after the other as the rows are prepared.
+        uris = [u for row in rows for u in image_uris(row.get(col.IMAGE))]
+        self._fetched = fetch_uris(
+            uris, root=images.root, options=self.config.storage, max_bytes=images.max_bytes
+        )
+        try:
+            return [self.prepare_row(row) for row in rows]
+        finally:
+            self._fetched = {}
 
     def _crashed(self, row: dict[str, Any], crashes: int) -> dict[str, Any]:
         """The row of a group that killed the preparation actor every time it was prepared alone."""

@@ -28,13 +28,13 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import ReadTask
 
 from visualprm_ray.job import stages as col
-from visualprm_ray.job.inputs import InputFile, ReadPlan
+from visualprm_ray.job.inputs import FileSkip, InputFile, ReadPlan
 
 if TYPE_CHECKING:
-    import pyarrow.fs
     import ray.data
 
     from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.storage import StorageOptions
 
 
 def read_groups(
@@ -42,38 +42,36 @@ def read_groups(
     plan: ReadPlan,
     *,
     rows_per_block: int,
-    skip_ids: ray.ObjectRef | None = None,
+    skip: dict[int, FileSkip] | None = None,
 ) -> ray.data.Dataset:
     """The lazy dataset of group rows: internal columns plus passthrough columns.
 
-    ``skip_ids`` (a string array in the object store) holds the ids of groups an earlier attempt
-    already committed (:mod:`visualprm_ray.job.resume`); their rows are dropped right after the ids
-    are known, before any work is spent on them.
+    ``skip`` says what an earlier attempt already committed (:func:`visualprm_ray.job.resume.plan_skips`):
+    those row groups are never read and those rows are dropped as they are read, before any work is
+    spent on them. Blocks hold about ``rows_per_block`` rows: Ray Data merges what a read task
+    yields into one block, so the read asks it to split each task's block that many ways.
     """
     import ray.data
 
-    from visualprm_ray.storage import pyarrow_filesystem
-
-    fs, _ = pyarrow_filesystem(plan.uris[0], config.storage)
-    derive = not plan.internal and not plan.has_id
     source = InputGroups(
         plan.files,
-        fs,
+        config.storage,
         schema=plan.schema,
         rows_per_block=rows_per_block,
-        derive_ids=derive,
-        retries=config.storage.retries,
+        derive_ids=not plan.internal and not plan.has_id,
+        skip=skip,
     )
-    ds = ray.data.read_datasource(source)
-    return ds.map_batches(Rename(config, plan, skip_ids), batch_format="pyarrow", zero_copy_batch=True)
+    rows = sum(m.num_rows for m in source._spans_metadata())
+    blocks = max(1, -(-rows // rows_per_block))
+    ds = ray.data.read_datasource(source, override_num_blocks=blocks)
+    return ds.map_batches(Rename(config, plan), batch_format="pyarrow", zero_copy_batch=True)
 
 
 class Rename:
-    """Configured column names -> internal names, and the resume filter."""
+    """Configured column names -> internal names."""
 
-    def __init__(self, config: JobConfig, plan: ReadPlan, skip_ids: ray.ObjectRef | None = None) -> None:
+    def __init__(self, config: JobConfig, plan: ReadPlan) -> None:
         inp = config.input
-        self.skip_ids = skip_ids
         self.mapping: dict[str, str] = {}
         if not plan.internal:  # a regrouped flat input already holds the internal names
             self.mapping = {inp.question_column: col.QUESTION, inp.image_column: col.IMAGE}
@@ -104,92 +102,103 @@ class Rename:
             table = table.set_column(
                 table.column_names.index(col.ID), col.ID, table[col.ID].cast(pa.string())
             )
-        if self.skip_ids is not None:
-            import pyarrow.compute as pc
-
-            done = pc.is_in(table[col.ID], value_set=_object(self.skip_ids))
-            table = table.filter(pc.invert(pc.fill_null(done, False)))
         return table
 
 
 _OBJECTS: dict[str, Any] = {}
+_KEEP_OBJECTS = 256
 
 
 def _object(ref: ray.ObjectRef) -> Any:
-    """An object-store value, fetched once per worker process (the id set can be large)."""
+    """An object-store value, fetched once per worker process (footers, the regroup's file list)."""
     import ray
 
     key = ref.hex()
     if key not in _OBJECTS:
-        _OBJECTS.clear()  # one job's set at a time
+        if len(_OBJECTS) >= _KEEP_OBJECTS:
+            _OBJECTS.pop(next(iter(_OBJECTS)))  # the oldest: a worker moves from file to file
         _OBJECTS[key] = ray.get(ref)
     return _OBJECTS[key]
 
 
 class InputGroups(Datasource):
-    """The input files' rows, in blocks of ``rows_per_block`` rows.
+    """The input files' rows, cut into read tasks of whole row groups.
 
-    A read task covers consecutive row groups of one file, at least ``rows_per_block`` rows
-    unless the file ends first: a big row group is read once and handed on in pieces, small ones
-    are read together. Ray Data's ``parallelism`` hint is ignored; the row groups decide.
+    A read task covers row groups of one file, at least ``rows_per_block`` rows unless the file
+    ends first: a big row group is read once, small ones are read together. Ray Data's
+    ``parallelism`` hint is ignored; the row groups decide. Row groups an earlier attempt
+    committed whole (``skip``) are not read at all, and files committed whole cost no task.
     """
 
     def __init__(
         self,
         files: Sequence[InputFile],
-        filesystem: pyarrow.fs.FileSystem,
+        storage: StorageOptions,
         *,
         schema: pa.Schema,
         rows_per_block: int,
         derive_ids: bool = False,
         row_positions: bool = False,
-        retries: int = 5,
+        skip: dict[int, FileSkip] | None = None,
     ) -> None:
         super().__init__()
         self.files = list(files)
-        self.filesystem = filesystem
+        self.storage = storage
         self.schema = schema  # the columns read, in the types every block is cast to
         self.rows_per_block = rows_per_block
         self.derive_ids = derive_ids  # add ``_vp_id`` = "<relative path>#<row>"
         self.row_positions = row_positions  # add ``_vp_file`` (index into ``files``) and ``_vp_row``
-        self.retries = retries
+        self.skip = skip or {}
 
     def get_name(self) -> str:
         return "ReadInput"
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return sum(sum(f.row_group_bytes) for f in self.files)
+        return sum(m.size_bytes for m in self._spans_metadata())
+
+    def _spans(self) -> Iterator[tuple[int, InputFile, list[int], list[int]]]:
+        """``(file index, file, row groups, their first rows in the file)`` of every read task."""
+        for index, file in enumerate(self.files):
+            skip = self.skip.get(index, FileSkip())
+            starts = np.concatenate([[0], np.cumsum(file.row_group_rows, dtype=np.int64)])
+            wanted = [g for g in range(len(file.row_group_rows)) if g not in skip.row_groups]
+            for span in row_group_spans([file.row_group_rows[g] for g in wanted], self.rows_per_block):
+                groups = [wanted[k] for k in span]
+                yield index, file, groups, [int(starts[g]) for g in groups]
+
+    def _spans_metadata(self) -> Iterator[BlockMetadata]:
+        for _, file, groups, _ in self._spans():
+            yield BlockMetadata(
+                num_rows=sum(file.row_group_rows[g] for g in groups),
+                size_bytes=sum(file.row_group_bytes[g] for g in groups),
+                input_files=[file.uri],
+                exec_stats=None,
+            )
 
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, **_: Any
     ) -> list[ReadTask]:
         tasks = []
-        for index, file in enumerate(self.files):
-            starts = np.concatenate([[0], np.cumsum(file.row_group_rows, dtype=np.int64)])
-            for span in row_group_spans(file.row_group_rows, self.rows_per_block):
-                read = partial(
-                    read_span,
-                    self.filesystem,
-                    file.path,
-                    span,
-                    schema=self.schema,
-                    rows_per_block=self.rows_per_block,
-                    first_row=int(starts[span.start]),
-                    id_prefix=file.relpath if self.derive_ids else None,
-                    file_index=index if self.row_positions else None,
-                    retries=self.retries,
-                )
-                meta = BlockMetadata(
-                    num_rows=sum(file.row_group_rows[i] for i in span),
-                    size_bytes=sum(file.row_group_bytes[i] for i in span),
-                    input_files=[file.path],
-                    exec_stats=None,
-                )
-                tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
-        if not tasks:  # every file is empty: one empty block carries the schema on
+        for (index, file, groups, first_rows), meta in zip(
+            self._spans(), self._spans_metadata(), strict=True
+        ):
+            drops = self.skip.get(index, FileSkip()).rows
+            read = partial(
+                read_span,
+                file,
+                groups,
+                first_rows,
+                schema=self.schema,
+                storage=self.storage,
+                drop={g: drops[g] for g in groups if g in drops},
+                id_prefix=file.relpath if self.derive_ids else None,
+                file_index=index if self.row_positions else None,
+            )
+            tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        if not tasks:  # every file is empty (or committed): one empty block carries the schema on
             empty = _with_positions(
                 self.schema.empty_table(),
-                0,
+                np.zeros(0, np.int64),
                 None if not self.derive_ids else "",
                 0 if self.row_positions else None,
             )
@@ -212,52 +221,67 @@ def row_group_spans(rows: Sequence[int], rows_per_block: int) -> list[range]:
 
 
 def read_span(
-    filesystem: pyarrow.fs.FileSystem,
-    path: str,
-    span: range,
+    file: InputFile,
+    row_groups: list[int],
+    first_rows: list[int],
     *,
     schema: pa.Schema,
-    rows_per_block: int,
-    first_row: int = 0,
+    storage: StorageOptions,
+    drop: dict[int, bytes] | None = None,
     id_prefix: str | None = None,
     file_index: int | None = None,
-    retries: int = 5,
 ) -> Iterator[pa.Table]:
-    """One read task: the span's row groups, cast to ``schema``, handed on in blocks of
-    ``rows_per_block`` rows.
+    """One read task: the row groups' columns of ``schema``, cast to it, as one block.
 
-    The span is read whole, under :func:`~visualprm_ray.storage.with_retries`, before the first
-    block is yielded: a retry never repeats rows already handed on. ``first_row`` is the file's row
-    index of the span's first row, for derived ids (``id_prefix``) and row positions (``file_index``).
+    Only the column chunks are fetched: the footer comes from the driver (through Ray's object
+    store) and the file's size from the listing, so there is no footer read and no HEAD request.
+    The rows are read whole, under :func:`~visualprm_ray.storage.with_retries`, before anything is
+    yielded: a retry never repeats rows already handed on. ``first_rows`` are the file's row index
+    of each row group's first row, for derived ids (``id_prefix``) and row positions
+    (``file_index``); ``drop`` the rows an earlier attempt committed (bitmaps per row group).
     """
-    import pyarrow.parquet as pq
+    from visualprm_ray.storage import read_parquet
 
-    from visualprm_ray.storage import with_retries
-
-    def read() -> pa.Table:
-        with pq.ParquetFile(path, filesystem=filesystem) as parquet:
-            return parquet.read_row_groups(list(span), columns=schema.names)
-
-    table = with_retries(read, what=f"reading input {path}", retries=retries)
+    metadata = _object(file.footer) if file.footer is not None else None
+    parts = []
+    for group, first in zip(row_groups, first_rows, strict=True):
+        parts.append(np.arange(first, first + file.row_group_rows[group], dtype=np.int64))
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    table = read_parquet(
+        file.uri, schema.names, storage, size=file.size, metadata=metadata, row_groups=row_groups
+    )
     # The driver checked every file's types against the plan; this only unifies their variants
     # (large_string, an all-null column) so that blocks of different files concatenate.
     table = table.select(schema.names).cast(schema)
-    table = _with_positions(table, first_row, id_prefix, file_index)
-    for start in range(0, len(table), rows_per_block):
-        yield table.slice(start, rows_per_block)
+    table = _with_positions(table, rows, id_prefix, file_index)
+    if drop:
+        keep = np.concatenate(
+            [
+                ~np.unpackbits(np.frombuffer(drop[g], np.uint8), count=file.row_group_rows[g]).astype(bool)
+                if g in drop
+                else np.ones(file.row_group_rows[g], bool)
+                for g in row_groups
+            ]
+        )
+        table = table.filter(pa.array(keep))
+    yield table
 
 
 def _with_positions(
-    table: pa.Table, first_row: int, id_prefix: str | None, file_index: int | None
+    table: pa.Table, rows: np.ndarray, id_prefix: str | None, file_index: int | None
 ) -> pa.Table:
-    rows = np.arange(first_row, first_row + len(table), dtype=np.int64)
     if id_prefix is not None:
-        ids = np.char.add(f"{id_prefix}#", rows.astype(str)) if len(rows) else np.array([], dtype=str)
-        table = table.append_column(col.ID, pa.array(ids, pa.string()))
+        table = table.append_column(col.ID, derived_ids(id_prefix, rows))
     if file_index is not None:
         table = table.append_column(col.FILE, pa.array(np.full(len(table), file_index, np.int32)))
         table = table.append_column(col.ROW, pa.array(rows))
     return table
+
+
+def derived_ids(relpath: str, rows: np.ndarray) -> pa.Array:
+    """The ids of an input without an id column: ``<path relative to the input root>#<row>``."""
+    ids = np.char.add(f"{relpath}#", rows.astype(str)) if len(rows) else np.array([], dtype=str)
+    return pa.array(ids, pa.string())
 
 
 def _one(table: pa.Table) -> list[pa.Table]:

@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 from visualprm_ray.job import stages as col
 
 if TYPE_CHECKING:
-    import pyarrow.fs
     import ray
 
     from visualprm_ray.job.inputs import InputFile
+    from visualprm_ray.storage import StorageOptions
 
 
 def _list_of(values: pa.ChunkedArray | pa.Array) -> pa.Array:
@@ -80,25 +80,21 @@ class JoinImages:
     def __init__(
         self,
         files: ray.ObjectRef,
-        filesystem: pyarrow.fs.FileSystem,
+        storage: StorageOptions,
         *,
         column: str,
         image_type: pa.DataType,
-        retries: int,
         passthrough: str | None = None,
     ) -> None:
         self.files_ref = files
         self.passthrough = passthrough
-        self.filesystem = filesystem
+        self.storage = storage
         self.column = column
         self.image_type = image_type
-        self.retries = retries
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        import pyarrow.parquet as pq
-
         from visualprm_ray.job.stages.read import _object
-        from visualprm_ray.storage import with_retries
+        from visualprm_ray.storage import read_parquet
 
         files: list[InputFile] = _object(self.files_ref)
         file_of = table[col.IMAGE_FILE].to_numpy()
@@ -112,13 +108,10 @@ class JoinImages:
             groups = np.searchsorted(starts, row_of[mine], side="right") - 1
             wanted = sorted({int(g) for g in groups})
 
-            def read(path: str = file.path, wanted: list[int] = wanted) -> pa.Table:
-                with pq.ParquetFile(path, filesystem=self.filesystem) as parquet:
-                    return parquet.read_row_groups(wanted, columns=[self.column])
-
-            column = with_retries(read, what=f"reading images of {file.path}", retries=self.retries)[
-                self.column
-            ]
+            metadata = _object(file.footer) if file.footer is not None else None
+            column = read_parquet(
+                file.uri, [self.column], self.storage, size=file.size, metadata=metadata, row_groups=wanted
+            )[self.column]
             # Offsets of the wanted row groups inside what was read.
             offset = dict(
                 zip(wanted, np.cumsum([0] + [file.row_group_rows[g] for g in wanted[:-1]]), strict=True)

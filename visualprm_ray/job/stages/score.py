@@ -137,6 +137,8 @@ class ScoreStage:
 
         self.journal = JournalClient(journal, STAGE) if journal else None
         self.progress = ProgressReporter.connect(progress) if progress else None
+        if self.progress is not None:
+            self.progress.started(STAGE)
 
     def _load(
         self,

@@ -16,6 +16,7 @@ from visualprm_ray.job import stages as col
 from visualprm_ray.schema import output_schema
 
 if TYPE_CHECKING:
+    from visualprm_ray.job.config import JobConfig
     from visualprm_ray.job.inputs import ReadPlan
 
 
@@ -80,3 +81,36 @@ class ExplodeToCandidates:
         # Unscored candidates are not the best one: False rather than null keeps filters simple.
         data["is_best"] = [b is True for b in data["is_best"]]
         return pa.table(data, schema=self.schema)
+
+
+# Bytes of an output row beyond its response text and passthrough values: id, step scores, the
+# numbers and the error columns (a generous round figure; the estimate only sizes files).
+_ROW_OVERHEAD = 200
+_MIN_ROWS, _MAX_ROWS = 1_000, 2_000_000
+
+
+def rows_per_file(config: JobConfig, plan: ReadPlan, candidates: int) -> int:
+    """Candidate rows per output file: ``output.min_rows_per_file``, or ``output.target_file_bytes``
+    over the bytes a candidate row takes, estimated from the input's footers (uncompressed)."""
+    if config.output.min_rows_per_file is not None:
+        return config.output.min_rows_per_file
+    if not candidates:
+        return _MIN_ROWS
+    sizes: dict[str, int] = {}
+    for f in plan.files:
+        for name, size in f.column_bytes:
+            sizes[name] = sizes.get(name, 0) + size
+    inp = config.input
+    texts = (
+        [inp.responses_column, inp.response_column, inp.steps_column]
+        if not plan.internal
+        else [col.RESPONSES, col.STEPS]
+    )
+    text = sum(sizes.get(c, 0) for c in texts)
+    passthrough = sum(sizes.get(f.name, 0) for f in plan.passthrough)
+    if plan.layout == "grouped":
+        # A group row's passthrough values are copied into each of its candidate rows.
+        groups = max(1, plan.num_rows)
+        passthrough = passthrough * candidates // groups
+    per_row = text // candidates + passthrough // candidates + _ROW_OVERHEAD
+    return int(min(_MAX_ROWS, max(_MIN_ROWS, config.output.target_file_bytes // per_row)))
