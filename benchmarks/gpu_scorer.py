@@ -24,20 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-REAL_LLM = {
-    "vocab_size": 92553,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-}
-REAL_VISION = {
-    "hidden_size": 1024,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 16,
-    "intermediate_size": 4096,
-}
+from visualprm_ray.model.tiny_checkpoint import VISUALPRM_8B_LLM as REAL_LLM
+from visualprm_ray.model.tiny_checkpoint import VISUALPRM_8B_VISION as REAL_VISION
 
 
 def build_checkpoint(config: dict, tokenizer, *, dtype: str, device: str):

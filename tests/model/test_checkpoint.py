@@ -583,3 +583,24 @@ def test_loader_never_imports_checkpoint_code(tiny_dir, tmp_path):
     ck = load_checkpoint(directory, dtype="float32")
     assert ck.info.layout == "upstream"
     assert not list(directory.glob("*.imported"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(template="internvl2_chat"), "template 'internvl2_chat'"),
+        (lambda c: c["llm_config"].update(architectures=["Qwen2ForCausalLM"]), "Qwen2ForCausalLM"),
+    ],
+)
+def test_a_checkpoint_it_cannot_score_faithfully_is_refused_by_both_stages(tiny_dir, tmp_path, edit, message):
+    from visualprm_ray.model.checkpoint import load_preprocessing
+
+    copy = tmp_path / "foreign"
+    shutil.copytree(tiny_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_preprocessing(copy)  # the CPU stage refuses, not only the scorer
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(copy, dtype="float32", device="cpu")

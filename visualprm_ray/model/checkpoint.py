@@ -79,6 +79,46 @@ def detect_layout(config: dict[str, Any]) -> Layout:
     )
 
 
+# The one conversation template the prompt builder reproduces (prompt.py, SPEC §2.2).
+TEMPLATE = "internvl2_5"
+
+
+def check_scorable(config: dict[str, Any], layout: Layout) -> None:
+    """Refuse a checkpoint this project cannot score faithfully, before any weight is read.
+
+    Upstream layout: the language model must be InternLM2 (the converter's source), the template
+    ``internvl2_5`` (the conversation the prompt builder writes) and the pixel shuffle v2. Native
+    layout: the text model must be Llama-shaped (what InternLM2 converts to); another one (e.g.
+    InternVL3's Qwen2) comes with another template. Checked by the CPU stage as well as the scorer:
+    both must refuse, or the preparers would build conversations for a model that is not there.
+    """
+    if layout == "upstream":
+        arch = (config["llm_config"].get("architectures") or ["InternLM2ForCausalLM"])[0]
+        if arch != "InternLM2ForCausalLM":
+            raise CheckpointError(
+                f"the language model is {arch}; only InternLM2 (InternVL2.5-8B, VisualPRM-8B) is supported: "
+                "another architecture has other weights and another chat template"
+            )
+        template = config.get("template")
+        if template != TEMPLATE:
+            raise CheckpointError(
+                f"config.json names the conversation template {template!r}; the scorer builds "
+                f"{TEMPLATE!r} conversations only (VisualPRM-8B's), and another template's scores would "
+                "be silently wrong"
+            )
+        if config.get("ps_version", "v2") != "v2":
+            raise CheckpointError(
+                f"pixel shuffle version {config.get('ps_version')!r} is not supported (v2 only)"
+            )
+    else:
+        text_type = config["text_config"].get("model_type", "llama")
+        if text_type != "llama":
+            raise CheckpointError(
+                f"the native checkpoint's text model is {text_type!r}; only the Llama-shaped text model that "
+                "InternLM2 converts to is supported (other text models use other chat templates)"
+            )
+
+
 def _tokens_per_tile(image_size: int, patch_size: int, downsample_ratio: float) -> int:
     side = image_size // patch_size
     return int(side * side * downsample_ratio * downsample_ratio)
@@ -88,10 +128,8 @@ def native_config_from_upstream(config: dict[str, Any], image_token_id: int) -> 
     """Translate an upstream ``config.json`` into an ``InternVLConfig`` (values read, not assumed)."""
     from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig
 
+    check_scorable(config, "upstream")
     llm, vis = config["llm_config"], config["vision_config"]
-    arch = llm.get("architectures") or ["InternLM2ForCausalLM"]
-    if arch[0] != "InternLM2ForCausalLM":
-        raise CheckpointError(f"only InternLM2 language models are supported, got {arch[0]}")
     scaling = llm.get("rope_scaling")
     theta = float(llm.get("rope_theta", 10000.0))
     if scaling:
@@ -134,10 +172,6 @@ def native_config_from_upstream(config: dict[str, Any], image_token_id: int) -> 
         # Upstream InternViT has no final layernorm: mean-pooling mode keeps an identity there.
         use_mean_pooling=True,
     )
-    if config.get("ps_version", "v2") != "v2":
-        raise CheckpointError(
-            f"pixel shuffle version {config.get('ps_version')!r} is not supported (v2 only)"
-        )
     image_size = vision.image_size[0]
     return InternVLConfig(
         vision_config=vision,
@@ -235,6 +269,78 @@ def convert_tensor(name: str, tensor: torch.Tensor, shapes: _SplitShapes) -> lis
     raise CheckpointError(f"unexpected weight {name!r} in an upstream checkpoint")
 
 
+def upstream_weight_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an upstream checkpoint with this ``config.json``, name -> shape, derived
+    from the config's sizes alone (the layout of SPEC §2.5; what the tiny checkpoints are drawn
+    from, and what the real InternVL2.5-8B index is checked against)."""
+    vis, llm = config["vision_config"], config["llm_config"]
+    vh, vi, patch = _size(vis["hidden_size"]), _size(vis["intermediate_size"]), _size(vis["patch_size"])
+    image = _size(vis.get("image_size", config.get("force_image_size", 448)))
+    shapes: dict[str, tuple[int, ...]] = {
+        "vision_model.embeddings.class_embedding": (1, 1, vh),
+        "vision_model.embeddings.patch_embedding.weight": (vh, 3, patch, patch),
+        "vision_model.embeddings.patch_embedding.bias": (vh,),
+        "vision_model.embeddings.position_embedding": (1, (image // patch) ** 2 + 1, vh),
+    }
+    for i in range(vis["num_hidden_layers"]):
+        p = f"vision_model.encoder.layers.{i}."
+        shapes |= {
+            p + "attn.qkv.weight": (3 * vh, vh),
+            **({p + "attn.qkv.bias": (3 * vh,)} if vis.get("qkv_bias", True) else {}),
+            p + "attn.proj.weight": (vh, vh),
+            p + "attn.proj.bias": (vh,),
+            p + "ls1": (vh,),
+            p + "ls2": (vh,),
+            p + "norm1.weight": (vh,),
+            p + "norm1.bias": (vh,),
+            p + "norm2.weight": (vh,),
+            p + "norm2.bias": (vh,),
+            p + "mlp.fc1.weight": (vi, vh),
+            p + "mlp.fc1.bias": (vi,),
+            p + "mlp.fc2.weight": (vh, vi),
+            p + "mlp.fc2.bias": (vh,),
+        }
+    lh, li, vocab = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
+    ratio = config.get("downsample_ratio", 0.5)
+    proj_in = int(vh / (ratio * ratio))  # pixel shuffle stacks 1/ratio**2 patches' features
+    shapes |= {
+        "mlp1.0.weight": (proj_in,),
+        "mlp1.0.bias": (proj_in,),
+        "mlp1.1.weight": (lh, proj_in),
+        "mlp1.1.bias": (lh,),
+        "mlp1.3.weight": (lh, lh),
+        "mlp1.3.bias": (lh,),
+        "language_model.model.tok_embeddings.weight": (vocab, lh),
+        "language_model.model.norm.weight": (lh,),
+        "language_model.output.weight": (vocab, lh),
+    }
+    heads = llm["num_attention_heads"]
+    kv, head_dim = llm.get("num_key_value_heads", heads), lh // heads
+    bias = bool(llm.get("bias", False))
+    for i in range(llm["num_hidden_layers"]):
+        p = f"language_model.model.layers.{i}."
+        shapes |= {
+            p + "attention.wqkv.weight": ((heads + 2 * kv) * head_dim, lh),
+            **({p + "attention.wqkv.bias": ((heads + 2 * kv) * head_dim,)} if bias else {}),
+            p + "attention.wo.weight": (lh, heads * head_dim),
+            **({p + "attention.wo.bias": (lh,)} if bias else {}),
+            p + "feed_forward.w1.weight": (li, lh),
+            p + "feed_forward.w2.weight": (lh, li),
+            p + "feed_forward.w3.weight": (li, lh),
+            p + "attention_norm.weight": (lh,),
+            p + "ffn_norm.weight": (lh,),
+        }
+    return shapes
+
+
+def split_shapes(native: InternVLConfig) -> _SplitShapes:
+    """How the fused q/k/v tensors of a checkpoint for ``native`` split."""
+    text = native.text_config
+    return _SplitShapes(
+        text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    )
+
+
 def _split_grouped_wqkv(name: str, tensor: torch.Tensor, s: _SplitShapes) -> tuple[torch.Tensor, ...]:
     # InternLM2 packs, per key/value head, its G query heads, then the key head, then the value head.
     groups = s.num_heads // s.num_kv_heads
@@ -298,6 +404,7 @@ def read_info(config: dict[str, Any], tokenizer: Tokenizer) -> CheckpointInfo:
     on the model classes; :func:`load_checkpoint` cross-checks it against the built model.
     """
     layout = detect_layout(config)
+    check_scorable(config, layout)
     image_token_id = tokenizer.token_to_id(IMG_CONTEXT)
     if layout == "upstream":
         vision, text = config["vision_config"], config["llm_config"]
@@ -316,7 +423,7 @@ def read_info(config: dict[str, Any], tokenizer: Tokenizer) -> CheckpointInfo:
     return CheckpointInfo(
         layout=layout,
         system_message=config.get("system_message") or DEFAULT_SYSTEM_MESSAGE,
-        template=config.get("template", "internvl2_5"),
+        template=config.get("template", TEMPLATE),
         image_size=image_size,
         image_tokens_per_tile=per_tile,
         min_tiles=config.get("min_dynamic_patch", 1),
@@ -364,10 +471,7 @@ def _load_upstream(directory: Path, config: dict, tokenizer: Tokenizer, dtype, d
 
     native = native_config_from_upstream(config, image_token_id=tokenizer.token_to_id(IMG_CONTEXT))
     model = build_model(native, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    text = native.text_config
-    shapes = _SplitShapes(
-        text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads
-    )
+    shapes = split_shapes(native)
     params = dict(model.state_dict())
     seen: set[str] = set()
     with torch.no_grad():

@@ -30,6 +30,22 @@ TINY_LLM = {
     "intermediate_size": 128,
 }
 SP_VOCAB_SIZE = 640
+# VisualPRM-8B's sizes (InternVL2.5-8B: InternViT-300M and InternLM2-7B, SPEC §2.5): the real
+# shapes for the GPU benchmark and for checking the converter against the real weight index.
+VISUALPRM_8B_LLM = {
+    "vocab_size": 92553,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+}
+VISUALPRM_8B_VISION = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "intermediate_size": 4096,
+}
 
 _WORDS = [
     "the",
@@ -237,71 +253,39 @@ def upstream_config(*, llm: dict, vision: dict, system_message: str | None = Non
     return config
 
 
+def _init(name: str) -> tuple[float, float]:
+    """(scale, centre) of a tensor's random values: norms and layer scales away from 1 and 0 so
+    that a swapped or dropped tensor changes the logits; embeddings large enough to matter."""
+    leaf = name.rsplit(".", 2)
+    if name.endswith(".bias"):
+        return 0.05, 0.0
+    if name.endswith(("ls1", "ls2")):
+        return 0.2, 0.5
+    if "norm" in leaf[-2] or name == "mlp1.0.weight":
+        return 0.2, 1.0
+    if name.endswith(("class_embedding", "position_embedding")):
+        return 0.5, 0.0
+    if name.endswith("patch_embedding.weight"):
+        return 0.05, 0.0
+    if name.endswith("tok_embeddings.weight"):
+        return 1.0, 0.0
+    if name.startswith("language_model."):
+        return 0.15, 0.0
+    return 0.2, 0.0
+
+
 def _random_upstream_weights(config: dict, seed: int) -> dict:
-    """Random tensors under upstream names, with norms and layer scales away from 1 so that a
-    swapped or dropped tensor changes the logits."""
+    """Random tensors under the upstream names and shapes (:func:`upstream_weight_shapes`)."""
     import torch
 
+    from visualprm_ray.model.checkpoint import upstream_weight_shapes
+
     g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, scale: float = 0.05, center: float = 0.0) -> torch.Tensor:
-        return (center + scale * torch.randn(*shape, generator=g)).float()
-
-    vis, llm = config["vision_config"], config["llm_config"]
-    vh, vi = vis["hidden_size"], vis["intermediate_size"]
-    patches = (vis["image_size"] // vis["patch_size"]) ** 2
-    w: dict[str, torch.Tensor] = {
-        "vision_model.embeddings.class_embedding": rand(1, 1, vh, scale=0.5),
-        "vision_model.embeddings.patch_embedding.weight": rand(vh, 3, vis["patch_size"], vis["patch_size"]),
-        "vision_model.embeddings.patch_embedding.bias": rand(vh),
-        "vision_model.embeddings.position_embedding": rand(1, patches + 1, vh, scale=0.5),
-    }
-    for i in range(vis["num_hidden_layers"]):
-        p = f"vision_model.encoder.layers.{i}."
-        w |= {
-            p + "attn.qkv.weight": rand(3 * vh, vh, scale=0.2),
-            p + "attn.qkv.bias": rand(3 * vh),
-            p + "attn.proj.weight": rand(vh, vh, scale=0.2),
-            p + "attn.proj.bias": rand(vh),
-            p + "ls1": rand(vh, scale=0.2, center=0.5),
-            p + "ls2": rand(vh, scale=0.2, center=0.5),
-            p + "norm1.weight": rand(vh, scale=0.2, center=1.0),
-            p + "norm1.bias": rand(vh),
-            p + "norm2.weight": rand(vh, scale=0.2, center=1.0),
-            p + "norm2.bias": rand(vh),
-            p + "mlp.fc1.weight": rand(vi, vh, scale=0.2),
-            p + "mlp.fc1.bias": rand(vi),
-            p + "mlp.fc2.weight": rand(vh, vi, scale=0.2),
-            p + "mlp.fc2.bias": rand(vh),
-        }
-    lh, li, vocab = llm["hidden_size"], llm["intermediate_size"], llm["vocab_size"]
-    ratio = config["downsample_ratio"]
-    proj_in = int(vh / (ratio * ratio))
-    w |= {
-        "mlp1.0.weight": rand(proj_in, scale=0.2, center=1.0),
-        "mlp1.0.bias": rand(proj_in),
-        "mlp1.1.weight": rand(lh, proj_in, scale=0.2),
-        "mlp1.1.bias": rand(lh),
-        "mlp1.3.weight": rand(lh, lh, scale=0.2),
-        "mlp1.3.bias": rand(lh),
-        "language_model.model.tok_embeddings.weight": rand(vocab, lh, scale=1.0),
-        "language_model.model.norm.weight": rand(lh, scale=0.2, center=1.0),
-        "language_model.output.weight": rand(vocab, lh, scale=0.15),
-    }
-    heads, kv = llm["num_attention_heads"], llm["num_key_value_heads"]
-    head_dim = lh // heads
-    for i in range(llm["num_hidden_layers"]):
-        p = f"language_model.model.layers.{i}."
-        w |= {
-            p + "attention.wqkv.weight": rand((heads + 2 * kv) * head_dim, lh, scale=0.15),
-            p + "attention.wo.weight": rand(lh, heads * head_dim, scale=0.15),
-            p + "feed_forward.w1.weight": rand(li, lh, scale=0.15),
-            p + "feed_forward.w2.weight": rand(lh, li, scale=0.15),
-            p + "feed_forward.w3.weight": rand(li, lh, scale=0.15),
-            p + "attention_norm.weight": rand(lh, scale=0.2, center=1.0),
-            p + "ffn_norm.weight": rand(lh, scale=0.2, center=1.0),
-        }
-    return w
+    weights = {}
+    for name, shape in upstream_weight_shapes(config).items():
+        scale, center = _init(name)
+        weights[name] = (center + scale * torch.randn(*shape, generator=g)).float()
+    return weights
 
 
 def write_tiny_checkpoint(

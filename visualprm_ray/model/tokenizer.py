@@ -19,7 +19,12 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from visualprm_ray.model.prompt import SCORE_MARKER, STEP_PLACEHOLDER
+from visualprm_ray.model.prompt import IMG_CONTEXT, IMG_END, IMG_START, SCORE_MARKER, STEP_PLACEHOLDER
+
+# The conversation's structure tokens: each must be one special token of the checkpoint's
+# tokenizer. Tokenized as plain text they become several ordinary pieces, and every score would be
+# read from a conversation the model was never trained on: silently wrong, never an error.
+PROMPT_TOKENS = ("<|im_start|>", "<|im_end|>", IMG_START, IMG_END, IMG_CONTEXT)
 
 TokenizerKind = Literal["auto", "sentencepiece", "tokenizers"]
 NEGATIVE_TOKEN = "-"
@@ -186,15 +191,83 @@ def _collect_specials(directory: Path, lookup: _PieceEncoder) -> tuple[list[Spec
     return list(specials.values()), config
 
 
+def _load_sentencepiece(path: Path):
+    """A SentencePieceProcessor, loaded without sentencepiece's warnings reaching the logs.
+
+    sentencepiece >= 0.2.1 warns on every load of the InternLM2 model (its piece 354 is a literal
+    NUL; see :func:`_nul_as_released`): one line per actor start in every job log, about a case
+    handled here. Its C++ log level is raised to errors for the load alone.
+    """
+    import sentencepiece as spm
+
+    quiet = getattr(spm, "set_min_log_level", None)
+    if quiet is not None:
+        quiet(2)  # errors still show; 0 (info) is the library's default
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    finally:
+        if quiet is not None:
+            quiet(0)
+
+
+def _nul_as_released(sp) -> _PieceEncoder:
+    """sentencepiece's encoder, with NUL encoded as the released model's tokenizer encodes it.
+
+    InternLM2's vocabulary has a piece that is a literal NUL (id 354). sentencepiece up to 0.2.0,
+    which the model was trained and released with, encodes ``"\\x00"`` as that piece; 0.2.1 and
+    later demote it to unused and encode NUL by byte fallback (``<0x00>``, id 3), ids the model
+    never saw. No other piece holds a NUL, so no piece spans one: the text between NULs is encoded
+    on its own and each NUL becomes the piece again. Checked against sentencepiece 0.2.0's ids
+    (``tests/model/test_tokenizer_real.py``).
+    """
+
+    def plain(text: str) -> list[int]:
+        return sp.encode(text, out_type=int)
+
+    if plain("\x00") == [sp.piece_to_id("\x00")]:
+        return plain  # NUL is still a piece (sentencepiece <= 0.2.0): nothing to do
+    # A demoted piece no longer looks up by its text: find it among the unused ones (once, ~50 ms).
+    nuls = [i for i in range(sp.get_piece_size()) if sp.is_unused(i) and sp.id_to_piece(i) == "\x00"]
+    if not nuls:
+        return plain  # the vocabulary has no NUL piece: byte fallback is what it always did
+    nul = nuls[0]
+
+    def encode(text: str) -> list[int]:
+        if "\x00" not in text:
+            return plain(text)
+        ids: list[int] = []
+        for k, part in enumerate(text.split("\x00")):
+            if k:
+                ids.append(nul)
+            if part:
+                ids.extend(plain(part))
+        return ids
+
+    return encode
+
+
 def load_tokenizer(directory: str | Path, kind: TokenizerKind = "auto") -> Tokenizer:
-    """Load the tokenizer of a checkpoint directory without executing any of its code."""
-    directory = Path(directory)
+    """Load the tokenizer of a checkpoint directory without executing any of its code.
+
+    Refused (:class:`TokenizerError`) unless every one of :data:`PROMPT_TOKENS` is a special token.
+    """
+    tokenizer = _load_tokenizer(Path(directory), kind)
+    missing = [t for t in PROMPT_TOKENS if t not in tokenizer.specials]
+    if missing:
+        raise TokenizerError(
+            f"the tokenizer of {directory} does not make {', '.join(missing)} special token(s) (its "
+            "tokenizer_config.json added_tokens_decoder, added_tokens.json or tokenizer.json lists none of "
+            "them); they would be tokenized as plain text and every score would be wrong. VisualPRM "
+            "checkpoints (InternVL2.5 tokenizers) list all of: " + ", ".join(PROMPT_TOKENS)
+        )
+    return tokenizer
+
+
+def _load_tokenizer(directory: Path, kind: TokenizerKind) -> Tokenizer:
     if kind == "auto":
         kind = "sentencepiece" if (directory / "tokenizer.model").exists() else "tokenizers"
     if kind == "sentencepiece":
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+        sp = _load_sentencepiece(directory / "tokenizer.model")
         unk = sp.unk_id()
 
         def sp_piece_id(token: str) -> list[int]:
@@ -204,13 +277,7 @@ def load_tokenizer(directory: str | Path, kind: TokenizerKind = "auto") -> Token
         specials, config = _collect_specials(directory, sp_piece_id)
         bos = _token_content(config.get("bos_token"))
         bos_id = sp_piece_id(bos)[0] if bos else sp.bos_id()
-        return Tokenizer(
-            lambda text: sp.encode(text, out_type=int),
-            sp_piece_id,
-            specials,
-            bos_id,
-            "sentencepiece",
-        )
+        return Tokenizer(_nul_as_released(sp), sp_piece_id, specials, bos_id, "sentencepiece")
     if kind == "tokenizers":
         path = directory / "tokenizer.json"
         if not path.exists():
