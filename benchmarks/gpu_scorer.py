@@ -191,11 +191,15 @@ def main() -> None:
     import torch
     import transformers
 
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
     from visualprm_ray.model.prm import VisualPRM
     from visualprm_ray.model.reference import naive_step_scores
     from visualprm_ray.model.scoring import make_scorer
-    from visualprm_ray.model.tiny_checkpoint import TINY_LLM, TINY_VISION, upstream_config
+    from visualprm_ray.model.tiny_checkpoint import (
+        TINY_LLM,
+        TINY_VISION,
+        upstream_config,
+        write_tiny_checkpoint,
+    )
     from visualprm_ray.model.tokenizer import load_tokenizer
 
     device = "cpu" if args.tiny else "cuda"

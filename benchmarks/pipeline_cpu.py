@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
     from visualprm_ray.sample_data import make_groups, write_shards
 
     runs = []

@@ -91,8 +91,8 @@ def latency(args) -> dict:
     from visualprm_ray.job.config import JobConfig
     from visualprm_ray.job.driver import SUCCESS, run_job
     from visualprm_ray.job.resume import check_job_record, job_record
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
     from visualprm_ray.model.source import model_identity
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
     client.create_bucket(Bucket="scale")

@@ -150,8 +150,8 @@ def main() -> None:
 
     import torch
 
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
     from visualprm_ray.model.prm import VisualPRM
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         prm = VisualPRM.from_pretrained(write_tiny_checkpoint(tmp), device="cpu", dtype="float32")

@@ -54,7 +54,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "import sys; from visualprm_ray.model.checkpoint import write_tiny_checkpoint; "
+                "import sys; from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint; "
                 "write_tiny_checkpoint(sys.argv[1])",
                 str(model),
             ],

@@ -25,7 +25,7 @@ _EXPORTS = {
     "tile_image": "visualprm_ray.model.tiling",
     "split_steps": "visualprm_ray.model.prompt",
     "build_conversation": "visualprm_ray.model.prompt",
-    "write_tiny_checkpoint": "visualprm_ray.model.checkpoint",
+    "write_tiny_checkpoint": "visualprm_ray.model.tiny_checkpoint",
     "JobConfig": "visualprm_ray.job.config",
 }
 
@@ -41,10 +41,10 @@ __all__ = [
 
 if TYPE_CHECKING:
     from visualprm_ray.job.config import JobConfig
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
     from visualprm_ray.model.prm import ScoredResponse, VisualPRM
     from visualprm_ray.model.prompt import build_conversation, split_steps
     from visualprm_ray.model.tiling import tile_image
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
 
 def __getattr__(name: str) -> Any:

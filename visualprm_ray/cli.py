@@ -9,8 +9,10 @@ from collections.abc import Sequence
 
 def _score(args: argparse.Namespace) -> int:
     from visualprm_ray.job.config import ConfigError, JobConfig
+    from visualprm_ray.job.counts import RunVerdictError
     from visualprm_ray.job.driver import ActorStartError, JobCheckError, run_job
     from visualprm_ray.job.inputs import InputSchemaError
+    from visualprm_ray.job.preflight import SetupError
     from visualprm_ray.job.resume import ResumeConflict
 
     overrides = [*args.set, *(["output.mode=overwrite"] if args.fresh else [])]
@@ -21,18 +23,33 @@ def _score(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"visualprm-ray: bad configuration: {exc}", file=sys.stderr)
         return 2
+    # What the user can fix gets one line and an exit status; --debug adds the traceback. Anything
+    # else is a bug of ours and keeps its traceback.
+    status = {
+        SetupError: 2,
+        ResumeConflict: 2,
+        InputSchemaError: 2,
+        FileExistsError: 2,  # output.mode: error and an output that holds files
+        ActorStartError: 1,
+        JobCheckError: 3,  # the manifest says what is wrong; no _SUCCESS, so readers never take it
+        RunVerdictError: 4,  # complete and consistent, but nearly every row errored; no _SUCCESS
+    }
     try:
         run_job(config)
-    except (ResumeConflict, InputSchemaError) as exc:
+    except tuple(status) as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"visualprm-ray: {exc}", file=sys.stderr)
-        return 2
-    except ActorStartError as exc:
-        print(f"visualprm-ray: {exc}", file=sys.stderr)
-        return 1
-    except JobCheckError as exc:
-        # The manifest says what is wrong; no _SUCCESS was written, so readers never take it.
-        print(f"visualprm-ray: {exc}", file=sys.stderr)
-        return 3
+        return next(code for kind, code in status.items() if isinstance(exc, kind))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from visualprm_ray.job.config import render_fields
+
+    sys.stdout.write(render_fields(args.format))
     return 0
 
 
@@ -63,7 +80,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> int:
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(args.dir, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote a tiny random VisualPRM checkpoint (upstream layout) to {path}")
@@ -132,8 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the scoring job: Parquet rollouts in, one scored row per candidate out",
         description="Run the scoring job on Ray (RAY_ADDRESS or runtime.ray_address, else a local Ray). "
         "Precedence: --config YAML < --input/--output/--model < --set. A rerun of a killed job resumes "
-        "where it stopped. Exit status: 0 done, 2 bad configuration or a resume of a different job, "
-        "3 the output failed the count check (rows lost or doubled).",
+        "where it stopped. Exit status: 0 done, 1 the actors could not start, 2 bad configuration, input, "
+        "output, model or storage (found before Ray starts) or a resume of a different job, 3 the output "
+        "failed the count check (rows lost or doubled), 4 nearly every candidate errored "
+        "(runtime.max_errored_fraction).",
     )
     score.add_argument("--input", help="input Parquet file, directory/prefix or glob (local, s3://, gs://)")
     score.add_argument("--output", help="output directory/prefix")
@@ -151,7 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start over: remove this job's earlier output instead of resuming it (output.mode=overwrite)",
     )
+    score.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     score.set_defaults(func=_score)
+
+    config = commands.add_parser(
+        "config",
+        help="print every config field with its default and description",
+        description="Every field of the job config (section.key), generated from the config models: its "
+        "type, default and description. --format yaml writes a commented starting config.",
+    )
+    config.add_argument(
+        "--format", choices=["table", "yaml"], default="table", help="table (default) or yaml"
+    )
+    config.set_defaults(func=_config)
 
     demo = commands.add_parser(
         "demo", help="sample data + tiny checkpoint + the full Ray pipeline on this machine, then a summary"

@@ -29,7 +29,7 @@ def demo_config(workdir: Path):
 
 
 def write_demo_inputs(workdir: Path) -> None:
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
     from visualprm_ray.sample_data import make_groups, write_shards
 
     groups = make_groups(DEMO_GROUPS, candidates=DEMO_CANDIDATES, seed=0)

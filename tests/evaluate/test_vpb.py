@@ -55,7 +55,7 @@ ERRORED = {4: "image not found", 5: "3 steps but 2", 6: "not valid JSON"}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("vpb-model"), seed=0)
 

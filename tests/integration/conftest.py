@@ -34,7 +34,7 @@ def ray_local(s3_server):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("model"), seed=0)
 

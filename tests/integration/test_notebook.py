@@ -43,14 +43,8 @@ def test_committed_notebook_has_no_outputs():
     assert "VISUALPRM_OUTPUT" in code[0].source and "visualprm-demo/scores" in code[0].source
 
 
-@pytest.mark.slow
-def test_notebook_runs_on_the_demo_output(demo_run, tmp_path, monkeypatch):
-    import nbformat
+def _this_kernel(tmp_path, monkeypatch, output: Path) -> None:
     from jupyter_client.kernelspec import KernelSpecManager
-    from nbclient import NotebookClient
-
-    workdir, _ = demo_run
-    output = workdir / "scores"
 
     # A python3 kernelspec that names this interpreter, first on JUPYTER_PATH: whatever kernels the
     # machine has, the notebook runs in the venv under test.
@@ -63,6 +57,45 @@ def test_notebook_runs_on_the_demo_output(demo_run, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("VISUALPRM_OUTPUT", str(output))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into PNGs
+    assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_an_output_without_the_optional_columns(demo_run, tmp_path, monkeypatch):
+    """Any run, not only the demo's: without `policy` and `answer` the optional sections say so."""
+    import shutil
+
+    import nbformat
+    import pyarrow.parquet as pq
+    from nbclient import NotebookClient
+
+    workdir, _ = demo_run
+    output = tmp_path / "bare"
+    shutil.copytree(workdir / "scores", output)
+    for path in output.glob("*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(
+            table.drop_columns([c for c in ("policy", "answer", "subject") if c in table.column_names]), path
+        )
+    _this_kernel(tmp_path, monkeypatch, output)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(
+        nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    printed = _stream(nb)
+    assert "no 'policy' column in this run: skipping the comparison of policies" in printed
+    assert "kept for RLHF:" in printed
+
+
+@pytest.mark.slow
+def test_notebook_runs_on_the_demo_output(demo_run, tmp_path, monkeypatch):
+    import nbformat
+    from jupyter_client.kernelspec import KernelSpecManager
+    from nbclient import NotebookClient
+
+    workdir, _ = demo_run
+    output = workdir / "scores"
+    _this_kernel(tmp_path, monkeypatch, output)
     assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
 
     nb = nbformat.read(NOTEBOOK, as_version=4)

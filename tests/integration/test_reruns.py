@@ -12,7 +12,7 @@ import pytest
 
 from visualprm_ray.cli import main
 from visualprm_ray.job.driver import MANIFEST, SUCCESS
-from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 from visualprm_ray.sample_data import make_groups, write_shards
 
 pytestmark = pytest.mark.slow

@@ -113,7 +113,10 @@ def test_flat_candidate_index_column_is_configurable_and_never_passed_through(tm
     pq.write_table(pa.table(rows), tmp_path / "in" / "a.parquet")
     plan = plan_read(_config(tmp_path / "in"))
     assert plan.layout == "flat" and plan.candidate_index_column == "candidate_index"
-    assert [f.name for f in plan.passthrough] == ["order"]
+    assert [f.name for f in plan.passthrough] == [
+        "question",
+        "order",
+    ]  # the question passes through by default
     plan = plan_read(_config(tmp_path / "in", "input.candidate_index_column=order", "input.passthrough=[]"))
     assert plan.candidate_index_column == "order"
     # Not the candidate index any more, but still the output's own column name: never copied over it.
@@ -122,4 +125,4 @@ def test_flat_candidate_index_column_is_configurable_and_never_passed_through(tm
     plan = plan_read(
         _config(tmp_path / "in", "input.candidate_index_column=null", "input.passthrough=[order]")
     )
-    assert plan.candidate_index_column is None and [f.name for f in plan.passthrough] == ["order"]
+    assert plan.candidate_index_column is None and [f.name for f in plan.passthrough] == ["question", "order"]

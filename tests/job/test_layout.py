@@ -111,7 +111,8 @@ def test_cuda_without_gpus_is_refused():
 def test_model_size_from_the_safetensors_headers(tmp_path):
     from safetensors import safe_open
 
-    from visualprm_ray.model.checkpoint import safetensors_files, write_tiny_checkpoint
+    from visualprm_ray.model.checkpoint import safetensors_files
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model")
     # The slow way: open every tensor.
@@ -127,7 +128,7 @@ def test_model_size_from_the_safetensors_headers(tmp_path):
 def test_model_size_on_object_storage_matches_the_local_count(tmp_path, s3_env):
     import s3fs
 
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     model = write_tiny_checkpoint(tmp_path / "model")
     fs = s3fs.S3FileSystem()

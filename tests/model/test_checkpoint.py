@@ -24,9 +24,9 @@ from visualprm_ray.model.checkpoint import (
     _split_grouped_wqkv,
     _SplitShapes,
     load_checkpoint,
-    write_tiny_checkpoint,
 )
 from visualprm_ray.model.prompt import ASSISTANT_ROLE, IMG_CONTEXT, SCORE_MARKER
+from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "added_tokens.json")
 CONVERSATION = (

@@ -13,11 +13,12 @@ import pytest
 from PIL import Image, ImageDraw
 
 from visualprm_ray.errors import RowError
-from visualprm_ray.model.checkpoint import load_checkpoint, write_tiny_checkpoint
+from visualprm_ray.model.checkpoint import load_checkpoint
 from visualprm_ray.model.prm import VisualPRM
 from visualprm_ray.model.reference import naive_step_scores
 from visualprm_ray.model.scoring import make_scorer
 from visualprm_ray.model.scoring.packed import plan_batches
+from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
 TOL = 1e-4
 

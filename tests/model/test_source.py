@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from visualprm_ray.model import source
-from visualprm_ray.model.checkpoint import write_tiny_checkpoint
 from visualprm_ray.model.source import ModelIdentity, ModelIdentityError, model_identity, resolve_model_source
+from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +107,18 @@ def test_an_object_store_prefix_changed_mid_run_is_refused_by_every_actor(
         None, [f"model.cache_dir={cache}"], input_uri="/in", output_uri="/out", model_source=uri
     )
     with pytest.raises(ModelIdentityError):
-        PrepareStage(config, uri, model_identity=pinned.to_dict())
-    with pytest.raises(ModelIdentityError):
         ScoreStage(config, uri, "cpu", model_identity=pinned.to_dict())
+    # A preparer fetches and checks the config and tokenizer files alone (never the weights): new
+    # weights leave what it uses as pinned, a changed config is refused.
+    PrepareStage(config, uri, model_identity=pinned.to_dict())
+    import boto3
+
+    changed = json.loads((b / "config.json").read_text()) | {"retrained": True}
+    boto3.client("s3").put_object(
+        Bucket=s3_env, Key="models/prm/config.json", Body=json.dumps(changed).encode()
+    )
+    with pytest.raises(ModelIdentityError, match=r"config\.json"):
+        PrepareStage(config, uri, model_identity=pinned.to_dict())
 
 
 def test_a_hub_id_is_pinned_to_its_commit(monkeypatch, tmp_path):

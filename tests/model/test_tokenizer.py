@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from visualprm_ray.model.checkpoint import write_tiny_checkpoint
 from visualprm_ray.model.prompt import build_conversation
+from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 from visualprm_ray.model.tokenizer import (
     ScorePositionError,
     SpecialToken,

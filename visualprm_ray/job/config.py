@@ -225,6 +225,13 @@ class OutputConfig(BaseModel):
         description="If the output exists: 'resume' keeps the groups already committed (readable output files) and scores the rest; a finished run (_SUCCESS) is a no-op unless the input changed (then its new ids are scored), and a changed model or scoring setting is refused either way; 'overwrite' starts fresh (the CLI's --fresh); 'error' fails.",
     )
     include_response: bool = Field(True, description="Copy the response text into the output rows.")
+    include_question: bool = Field(
+        True,
+        description=(
+            "Copy the question (input.question_column) into the output rows under its input name, so the "
+            "table reads without a join back to the input."
+        ),
+    )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
         "zstd", description="Parquet compression codec of the output files."
     )
@@ -313,6 +320,17 @@ class RuntimeConfig(BaseModel):
         1800.0,
         gt=0,
         description="Fail the job with a clear message naming the stalled stages when none makes progress for this long (Ray Data's execution_no_progress_timeout_s): an actor pool that can never start, a hung read. Ray Data switches this guard off around a shuffle, so it does not apply to the flat layout's regroup pass (it does to its scoring pass).",
+    )
+    max_errored_fraction: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description=(
+            "A run in which more than this fraction of the candidates it handled ended with an error fails "
+            "(exit status 4, no _SUCCESS) with a verdict naming the most common error kind and the setting that "
+            "usually causes it: such a run did nothing useful, whatever its count check says. 1 turns the "
+            "verdict off. A rerun with corrected settings to the same output starts over."
+        ),
     )
 
 
@@ -647,3 +665,31 @@ def describe_fields(model_cls: type[BaseModel], prefix: str = "") -> list[tuple[
         )
         rows.append((dotted, _type_name(field.annotation), default, field.description or ""))
     return rows
+
+
+def render_fields(fmt: Literal["table", "yaml"] = "table") -> str:
+    """Every config field with its type, default and description (``visualprm-ray config``).
+
+    ``table``: one entry per ``section.key`` (:func:`describe_fields`); ``yaml``: a commented
+    starting config with every default written out and the required values marked.
+    """
+    import json
+
+    if fmt == "table":
+        lines = []
+        for dotted, type_name, default, description in describe_fields(JobConfig):
+            lines += [f"{dotted}  [{type_name}] = {default}", f"    {description}"]
+        return "\n".join(lines) + "\n"
+    lines = [
+        "# visualprm-ray job config: every field with its default (`visualprm-ray config --format yaml`).",
+        "# Precedence: this file < --input/--output/--model < --set section.key=value.",
+    ]
+    for section, section_field in JobConfig.model_fields.items():
+        lines += ["", f"# {section_field.description}", f"{section}:"]
+        for key, f in section_field.annotation.model_fields.items():
+            lines.append(f"  # {f.description} ({_type_name(f.annotation)})")
+            if f.is_required():
+                lines.append(f"  {key}: null  # required")
+            else:
+                lines.append(f"  {key}: {json.dumps(f.get_default(call_default_factory=True), default=str)}")
+    return "\n".join(lines) + "\n"

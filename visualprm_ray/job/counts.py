@@ -65,6 +65,51 @@ class JobCheckError(RuntimeError):
     """The output failed the count check: rows lost or doubled. Never silently accepted."""
 
 
+class RunVerdictError(RuntimeError):
+    """Nearly every candidate of the run ended with an error: complete, consistent, and useless."""
+
+
+# The setting (or the data) that usually causes each error kind when it is the run's most common.
+ERROR_HINTS: dict[str, str] = {
+    "image_missing": "set images.root to the directory or prefix the image paths are relative to, or fix the paths",
+    "image_empty": "the image files are empty (zero bytes): check how they were written",
+    "image_undecodable": "check input.image_column: it must hold encoded images, {bytes, path} structs or paths",
+    "image_unsupported": "check input.image_column: it must hold encoded images, {bytes, path} structs or paths",
+    "image_too_large": "raise images.max_pixels or images.max_bytes",
+    "image_placeholder_mismatch": "the questions' <image> placeholders must match the number of images per row",
+    "image_tokens_in_text": "the text holds <IMG_CONTEXT> tokens: pass the question without the model's image tokens",
+    "context_length": "set scoring.context_policy=truncate, or lower images.max_tiles",
+    "invalid_question": "check input.question_column: the questions are null, empty or not strings",
+    "no_candidates": "check input.responses_column: the response lists are null or empty",
+    "invalid_response": "check input.responses_column (grouped) or input.response_column (flat)",
+    "steps_unplaceable": "the responses contain the scoring marker text",
+    "invalid_candidate_index": "check input.candidate_index_column: it is null or repeats within a group",
+    "out_of_memory": "lower scoring.token_budget",
+    "scorer_crash": "the scoring actors died on these rows: see their logs",
+    "preparer_crash": "the preparation actors died on these rows: see their logs",
+}
+
+
+def run_verdict(counts: Counts, max_errored_fraction: float) -> dict | None:
+    """Why a run whose rows nearly all errored failed, or None when it did not.
+
+    Judged on the candidates this attempt handled (a resume judges what it scored, not what an
+    earlier attempt committed).
+    """
+    handled = counts.scored + counts.errored
+    if not handled or max_errored_fraction >= 1 or counts.errored <= max_errored_fraction * handled:
+        return None
+    kind, n = max(counts.errors_by_kind.items(), key=lambda kv: kv[1], default=("unknown", 0))
+    stage = max(counts.errors_by_stage.items(), key=lambda kv: kv[1], default=("unknown", 0))[0]
+    fraction = counts.errored / handled
+    message = (
+        f"{counts.errored} of {handled} candidates ({fraction:.0%}) ended with an error, over "
+        f"runtime.max_errored_fraction={max_errored_fraction:g}; most are {kind} ({n}, stage {stage}): "
+        f"{ERROR_HINTS.get(kind, 'see the error column')}"
+    )
+    return {"errored_fraction": fraction, "dominant_kind": kind, "count": n, "message": message}
+
+
 def count_input(config: JobConfig, plan: ReadPlan) -> tuple[Counts, list[pa.Array] | None]:
     """Candidates in, from the input files alone (independent of what the pipeline did).
 

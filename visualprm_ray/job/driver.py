@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
 
-from visualprm_ray.job.counts import JobCheckError, count_input, count_output
+from visualprm_ray.job.counts import JobCheckError, RunVerdictError, count_input, count_output, run_verdict
 from visualprm_ray.job.inputs import plan_read
 from visualprm_ray.job.layout import plan_resources, usable_cores
 from visualprm_ray.job.resume import JOB_RECORD, Committed
@@ -24,7 +24,7 @@ from visualprm_ray.job.resume import JOB_RECORD, Committed
 if TYPE_CHECKING:
     from visualprm_ray.job.config import JobConfig
 
-__all__ = ["MANIFEST", "SUCCESS", "JobCheckError", "run_job"]
+__all__ = ["MANIFEST", "SUCCESS", "JobCheckError", "RunVerdictError", "run_job"]
 
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
@@ -48,6 +48,9 @@ def init_ray(config: JobConfig) -> None:
     # per core where the model fits, layout.py).
     # address="local": always a fresh local Ray. A bare ray.init() would attach to whatever
     # cluster `ray start` left on this machine, with other resources and other code.
+    # Token authentication, Ray's own default for a local cluster, stated rather than defaulted:
+    # Ray then starts it without a warning nobody can act on in every job log.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(address="local", num_cpus=max(usable_cores(), math.ceil(needed)) + 2)
 
 
@@ -86,7 +89,6 @@ def prepare_output(config: JobConfig) -> OutputState:
     bookkeeping in :data:`JOB_FILES` and a flat input's regrouped rows); anything else a user keeps
     there is left alone.
     """
-    from visualprm_ray.job import flat
     from visualprm_ray.storage import fsspec_filesystem
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
@@ -97,13 +99,30 @@ def prepare_output(config: JobConfig) -> OutputState:
         raise FileExistsError(f"output {config.output.uri} already holds files (output.mode is 'error')")
     if config.output.mode == "resume":
         return "complete" if fs.exists(f"{path}/{SUCCESS}") else "partial"
+    clear_output(config)
+    return "new"
+
+
+def clear_output(config: JobConfig) -> None:
+    """Remove the job's own files from the output (Parquet files, :data:`JOB_FILES`, a flat
+    input's regrouped rows); anything else a user keeps there is left alone."""
+    from visualprm_ray.job import flat
+    from visualprm_ray.storage import fsspec_filesystem
+
+    fs, path = fsspec_filesystem(config.output.uri, config.storage)
     # Top level only: the job writes nothing below it, and a user's nested files are not ours.
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
         if name.endswith(".parquet") or name in JOB_FILES:
             fs.rm(entry)
     flat.clear(config)
-    return "new"
+
+
+def _failed_verdict(fs, path: str) -> bool:
+    try:
+        return json.loads(fs.cat_file(f"{path}/{MANIFEST}")).get("status") == "failed_verdict"
+    except FileNotFoundError:
+        return False
 
 
 def input_fingerprint(listing: list[tuple[str, int, str]]) -> str:
@@ -159,17 +178,28 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     """
     import pyarrow.parquet  # noqa: F401 - fail early if the Parquet support is missing
 
-    from visualprm_ray.job.resume import check_job_record, job_record
-    from visualprm_ray.model.source import model_identity
-    from visualprm_ray.storage import fsspec_filesystem, list_files, redact
+    from visualprm_ray.job.preflight import preflight
+    from visualprm_ray.job.resume import changes_since_recorded, check_job_record, job_record
+    from visualprm_ray.storage import fsspec_filesystem, redact
 
     started = time.time()
-    # Before Ray starts: what the model is (pinned for the whole job) and what the input is.
-    identity = model_identity(config.model.source, storage=config.storage, cache_dir=config.model.cache_dir)
-    listing = list_files(config.input.uri, config.storage, detail=True)
+    # Before Ray starts: what the model is (pinned for the whole job), what the input is, and
+    # that the output can be written; each problem a SetupError naming what to set.
+    identity, listing = preflight(config)
     fingerprint = input_fingerprint(listing)
     state = prepare_output(config)
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
+    if state == "partial" and _failed_verdict(fs, path):
+        # The earlier attempt finished with nearly every row in error (e.g. images.root unset): a
+        # rerun with corrected settings starts over instead of being refused as another job.
+        changed = changes_since_recorded(config, job_record(config, identity))
+        if changed:
+            emit(
+                f"[visualprm-ray] the earlier run in {redact(config.output.uri)} failed its verdict and "
+                f"the settings changed ({'; '.join(changed)}): starting over"
+            )
+            clear_output(config)
+            state = "new"
     if state != "new":
         # Another model or other settings than the run the output holds: refused before Ray starts.
         check_job_record(config, job_record(config, identity), write=False)
@@ -259,6 +289,10 @@ def _run(config: JobConfig, identity, listing, fingerprint: str, started: float,
             emit=emit,
         ) as progress:
             if left:  # a resume of a run whose every group was committed starts no actor at all
+                emit(
+                    "[visualprm-ray] note: Ray logs that each actor 'has constructor arguments in the object "
+                    "store'; expected here: this driver holds them for the whole job, so restarts work"
+                )
                 ds = build_dataset(
                     config,
                     score_plan,
@@ -267,6 +301,7 @@ def _run(config: JobConfig, identity, listing, fingerprint: str, started: float,
                     progress=progress_name,
                     journal=journal_name,
                     skip=skip,
+                    rows=left,
                 )
                 compression = None if config.output.compression == "none" else config.output.compression
                 try:
@@ -288,10 +323,12 @@ def _run(config: JobConfig, identity, listing, fingerprint: str, started: float,
     finished = time.time()
     counts = count_output(config, counts, committed)
     problems = counts.problems()
+    verdict = run_verdict(counts, config.runtime.max_errored_fraction)
     elapsed = finished - started
     manifest = {
-        "status": "complete" if not problems else "failed_check",
+        "status": "failed_check" if problems else ("failed_verdict" if verdict else "complete"),
         "problems": problems,
+        "verdict": verdict,
         "config": config.redacted_dict(),
         "model": {
             "source": redact(config.model.source),
@@ -345,6 +382,9 @@ def _run(config: JobConfig, identity, listing, fingerprint: str, started: float,
         raise JobCheckError(
             f"output {redact(config.output.uri)} failed the count check: " + "; ".join(problems)
         )
+    if verdict:
+        emit(f"[visualprm-ray] FAILED: {summary}; {verdict['message']}")
+        raise RunVerdictError(f"{redact(config.output.uri)}: {verdict['message']}")
     # Written last: readers of a finished run wait for this marker.
     with fs.open(f"{path}/{SUCCESS}", "w") as f:
         f.write("")

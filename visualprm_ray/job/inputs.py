@@ -196,17 +196,7 @@ def plan_read(config: JobConfig, listing: list[tuple[str, int, str]] | None = No
     first = footers[0][1]
     inp = config.input
     names = set(first.names)
-    layout = inp.layout
-    if layout == "auto":
-        layout = "grouped" if inp.responses_column in names else "flat"
-    required = [inp.question_column, inp.responses_column if layout == "grouped" else inp.response_column]
-    if layout == "flat":
-        required.append(inp.id_column)  # the group key cannot be derived for flat rows
-    missing = [c for c in required if c not in names]
-    if missing:
-        raise InputSchemaError(
-            f"input lacks column(s) {missing} needed by the {layout} layout; columns: {first.names}"
-        )
+    layout, required = choose_layout(config, first)
     index_column = inp.candidate_index_column if layout == "flat" else None
     if index_column is not None and index_column not in names:
         index_column = None
@@ -232,6 +222,13 @@ def plan_read(config: JobConfig, listing: list[tuple[str, int, str]] | None = No
         chosen = [n for n in inp.passthrough if n not in known]
     from visualprm_ray.schema import RESERVED
 
+    # The user's own names come out too: their id column beside the output's ``id`` (a query on
+    # ``prompt_id`` keeps working; ``id`` is what resume, reports and evaluations key on) and the
+    # question, unless output.include_question is off.
+    own = [inp.id_column] if inp.id_column in names and inp.id_column not in RESERVED else []
+    if config.output.include_question and inp.question_column not in RESERVED:
+        own.append(inp.question_column)
+    chosen = [*own, *(n for n in chosen if n not in own)]
     clash = [n for n in chosen if n in RESERVED]
     if clash:
         raise InputSchemaError(
@@ -271,6 +268,54 @@ def plan_read(config: JobConfig, listing: list[tuple[str, int, str]] | None = No
         candidate_index_column=index_column,
         schema=schema,
     )
+
+
+def choose_layout(config: JobConfig, schema: pa.Schema) -> tuple[Literal["grouped", "flat"], list[str]]:
+    """The layout (``input.layout``, or for ``auto`` grouped when the responses list column is
+    there) and the columns it needs; :class:`InputSchemaError` saying which are missing and why."""
+    inp = config.input
+    names = set(schema.names)
+    layout = inp.layout
+    if layout == "auto":
+        layout = "grouped" if inp.responses_column in names else "flat"
+    required = [inp.question_column, inp.responses_column if layout == "grouped" else inp.response_column]
+    if layout == "flat":
+        required.append(inp.id_column)  # the group key cannot be derived for flat rows
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise InputSchemaError(_missing_columns(config, schema, layout, missing))
+    return layout, required
+
+
+def _missing_columns(config: JobConfig, schema: pa.Schema, layout: str, missing: list[str]) -> str:
+    """What is missing, why the layout is what it is, and which setting names the user's column."""
+    inp = config.input
+    setting = {
+        inp.question_column: "input.question_column",
+        inp.responses_column: "input.responses_column",
+        inp.response_column: "input.response_column",
+        inp.id_column: "input.id_column",
+    }
+    lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+    texts = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    named = ", ".join(f"{c!r} ({setting[c]})" for c in missing)
+    why = ""
+    if inp.layout == "auto":
+        why = (
+            f" layout auto chose {layout} because the input has "
+            + (
+                f"a {inp.responses_column!r} column"
+                if layout == "grouped"
+                else f"no {inp.responses_column!r} column"
+            )
+            + " (grouped: one row per question with a list of responses; flat: one row per candidate)."
+        )
+    hint = ""
+    if layout == "flat" and inp.layout == "auto" and lists:
+        hint = f" If {lists[0]!r} holds each question's responses, set input.responses_column={lists[0]}."
+    elif texts:
+        hint = f" Its text columns: {texts}; set the setting above to the one that holds it."
+    return f"input lacks {named}, needed by the {layout} layout;{why}{hint} Columns: {schema.names}"
 
 
 def list_lengths_from_footer(metadata: pq.FileMetaData, column: str) -> tuple[int | None, ...]:

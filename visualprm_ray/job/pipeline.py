@@ -30,12 +30,14 @@ def build_dataset(
     progress: str | None = None,
     journal: str | None = None,
     skip: dict[int, FileSkip] | None = None,
+    rows: int | None = None,
 ):
     """The lazy dataset of output rows (candidate rows in the output schema).
 
     ``model_identity`` pins the model: every actor refuses to load anything else;
     ``journal`` names the crash journal actor (poison-row isolation, :mod:`visualprm_ray.job.journal`);
-    ``skip`` is what an earlier attempt committed, for the read to leave out (resume).
+    ``skip`` is what an earlier attempt committed, for the read to leave out (resume), and
+    ``rows`` the group rows left to score (all of the plan's when None).
     """
     from ray.data import ActorPoolStrategy
 
@@ -76,9 +78,17 @@ def build_dataset(
             "progress": progress,
             "journal": journal,
         },
-        # The pool starts at what the cluster holds and grows as nodes join, up to max_scorers.
+        # The pool starts at what the cluster holds and grows as nodes join, up to max_scorers;
+        # never more at start than there are batches to give them (Ray Data warns otherwise).
         compute=ActorPoolStrategy(
-            min_size=resources.num_scorers, max_size=resources.max_scorers or resources.num_scorers
+            min_size=max(
+                1,
+                min(
+                    resources.num_scorers,
+                    -(-(rows if rows is not None else plan.num_rows) // rt.groups_per_batch),
+                ),
+            ),
+            max_size=resources.max_scorers or resources.num_scorers,
         ),
         num_cpus=rt.cpus_per_scorer,
         num_gpus=resources.gpus_per_scorer,

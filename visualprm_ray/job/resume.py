@@ -228,15 +228,26 @@ class ResumeConflict(RuntimeError):
     """The output holds part of a run made with another model or other scoring settings."""
 
 
+def changes_since_recorded(config: JobConfig, record: dict[str, Any]) -> list[str] | None:
+    """``key: old -> new`` for what differs from the output's job record; None when it has none."""
+    from visualprm_ray.storage import fsspec_filesystem
+
+    fs, path = fsspec_filesystem(config.output.uri, config.storage)
+    target = f"{path.rstrip('/')}/{JOB_RECORD}"
+    if not fs.exists(target):
+        return None
+    earlier = json.loads(fs.cat_file(target))
+    return record_changes(earlier.get("record", earlier), record)
+
+
 def check_job_record(config: JobConfig, record: dict[str, Any], *, write: bool = True) -> None:
     """On a resume, refuse a different job; on a first attempt, write the job record (``write``)."""
     from visualprm_ray.storage import fsspec_filesystem, redact
 
     fs, path = fsspec_filesystem(config.output.uri, config.storage)
     target = f"{path.rstrip('/')}/{JOB_RECORD}"
-    if fs.exists(target):
-        earlier = json.loads(fs.cat_file(target))
-        changed = record_changes(earlier.get("record", earlier), record)
+    changed = changes_since_recorded(config, record)
+    if changed is not None:
         if changed:
             raise ResumeConflict(
                 f"{redact(config.output.uri)} holds a run with other settings ({'; '.join(changed)}); "

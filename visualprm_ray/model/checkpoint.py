@@ -553,10 +553,3 @@ def load_checkpoint(
             f"{info.image_token_id}) and the built model ({native.image_seq_length}, {native.image_token_id})"
         )
     return LoadedCheckpoint(model=model, tokenizer=tokenizer, info=info)
-
-
-def write_tiny_checkpoint(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
-    """A tiny random checkpoint in the upstream layout; see :mod:`visualprm_ray.model.tiny_checkpoint`."""
-    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint as _write
-
-    return _write(path, seed, **kwargs)

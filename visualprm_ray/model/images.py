@@ -7,6 +7,7 @@ costs a few bytes of reading rather than gigabytes of memory.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +85,15 @@ def read_uri_bytes(
             retries=options.retries if options else 5,
         )
     except (FileNotFoundError, IsADirectoryError) as exc:
-        where = f" (resolved against images.root {root!r} as {resolved})" if resolved != uri else ""
+        if resolved != uri:
+            where = f" (resolved against images.root {root!r} as {resolved})"
+        elif "://" not in uri and not os.path.isabs(os.path.expanduser(uri)):
+            # Ray workers run in their own directories: a relative path needs images.root.
+            where = (
+                f" (a relative path, resolved against the worker's directory {os.getcwd()}; set images.root)"
+            )
+        else:
+            where = ""
         raise ImageError(f"image not found: {uri}{where}", kind="image_missing") from exc
 
 

@@ -17,7 +17,7 @@ from visualprm_ray.job.stages.score import ScoreStage
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from visualprm_ray.model.checkpoint import write_tiny_checkpoint
+    from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
     model = str(write_tiny_checkpoint(tmp_path_factory.mktemp("model"), seed=0))
     config = JobConfig.from_sources(

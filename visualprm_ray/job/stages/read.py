@@ -85,16 +85,18 @@ class Rename:
                 self.mapping[inp.steps_column] = col.STEPS
             if plan.candidate_index_column:
                 self.mapping[plan.candidate_index_column] = col.CANDIDATE_INDEX
-        self.keep_image = inp.keep_image_bytes and not plan.internal
-        self.image_column = inp.image_column
+        # Columns that are both an input of the job (under an internal name) and passed through
+        # under their own: the image with input.keep_image_bytes, the user's id and question.
+        passthrough = {f.name for f in plan.passthrough}
+        self.copies = [] if plan.internal else [c for c in self.mapping if c in passthrough]
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        if self.keep_image and self.image_column in table.column_names:
-            # The image is both an input (under the internal name) and a passthrough column.
-            table = table.append_column(col.IMAGE, table[self.image_column])
-            mapping = {k: v for k, v in self.mapping.items() if k != self.image_column}
-        else:
-            mapping = self.mapping
+        mapping = self.mapping
+        for name in self.copies:
+            if name in table.column_names:
+                table = table.append_column(mapping[name], table[name])
+        if self.copies:
+            mapping = {k: v for k, v in mapping.items() if k not in self.copies}
         table = table.rename_columns([mapping.get(n, n) for n in table.column_names])
         if col.IMAGE not in table.column_names:
             table = table.append_column(col.IMAGE, pa.nulls(len(table), pa.binary()))
