@@ -15,6 +15,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from reference import in_process_step_scores
 
 from visualprm_ray.job.config import JobConfig
 from visualprm_ray.job.driver import run_job
@@ -38,12 +39,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     """Step scores of every candidate, in process, the plain way."""
-    prm = VisualPRM.from_pretrained(tiny_model, device="cpu", dtype="float32")
-    return {
-        (g["id"], k): r.step_scores
-        for g in GROUPS
-        for k, r in enumerate(prm.score(g["question"], g["responses"], images=[g["image"]]))
-    }
+    return in_process_step_scores(tiny_model, GROUPS)
 
 
 def _run(inputs, tiny_model, out, *extra: str):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from reference import in_process_step_scores
 
-from visualprm_ray.model.prm import VisualPRM
 from visualprm_ray.sample_data import make_groups, write_shards
 
 pytestmark = pytest.mark.slow
@@ -40,12 +40,8 @@ def proxy(s3_server):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model):
-    prm = VisualPRM.from_pretrained(tiny_model, device="cpu", dtype="float32")
-    return {
-        (g["id"], k): r.step_scores
-        for g in GROUPS
-        for k, r in enumerate(prm.score(g["question"], g["responses"], images=[g["image"]]))
-    }
+    """Step scores of every candidate, in process, the plain way."""
+    return in_process_step_scores(tiny_model, GROUPS)
 
 
 def _run(scenario: str, workdir: Path, proxy, bucket: str, overrides: list[str], groups=GROUPS) -> dict:

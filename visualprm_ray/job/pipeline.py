@@ -52,49 +52,39 @@ def build_dataset(
     # Ray Data restarts a dead actor and retries its batch without limit (max_restarts and
     # max_task_retries -1, its defaults for actor pools: a lost node or a preemption never fails
     # the job); the journal bounds what a poison group can cost (:mod:`visualprm_ray.job.journal`).
+    # What both actor stages are built with: the model (pinned), the progress and journal actors.
+    stage_kwargs = {
+        "config": config,
+        "model_dir": config.model.source,
+        "model_identity": pinned,
+        "progress": progress,
+        "journal": journal,
+    }
+    common = {"batch_size": rt.groups_per_batch, "batch_format": "pyarrow", "runtime_env": runtime_env}
     ds = ds.map_batches(
         PrepareStage,
-        fn_constructor_kwargs={
-            "config": config,
-            "model_dir": config.model.source,
-            "model_identity": pinned,
-            "progress": progress,
-            "journal": journal,
-        },
+        fn_constructor_kwargs=stage_kwargs,
         compute=ActorPoolStrategy(min_size=1, max_size=resources.max_preparers or resources.num_preparers),
         num_cpus=rt.cpus_per_preparer,
-        batch_size=rt.groups_per_batch,
-        batch_format="pyarrow",
-        runtime_env=runtime_env,
+        **common,
     )
+    batches = -(-(rows if rows is not None else plan.num_rows) // rt.groups_per_batch)
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_kwargs={
-            "config": config,
-            "model_dir": config.model.source,
-            "model_identity": pinned,
+            **stage_kwargs,
             "device": resources.device,
             "cpu_threads": resources.cpu_threads_per_scorer,
-            "progress": progress,
-            "journal": journal,
         },
         # The pool starts at what the cluster holds and grows as nodes join, up to max_scorers;
         # never more at start than there are batches to give them (Ray Data warns otherwise).
         compute=ActorPoolStrategy(
-            min_size=max(
-                1,
-                min(
-                    resources.num_scorers,
-                    -(-(rows if rows is not None else plan.num_rows) // rt.groups_per_batch),
-                ),
-            ),
+            min_size=max(1, min(resources.num_scorers, batches)),
             max_size=resources.max_scorers or resources.num_scorers,
         ),
         num_cpus=rt.cpus_per_scorer,
         num_gpus=resources.gpus_per_scorer,
-        batch_size=rt.groups_per_batch,
-        batch_format="pyarrow",
-        runtime_env=runtime_env,
+        **common,
     )
     ds = ds.map_batches(aggregate, batch_format="pyarrow")
     # An instance (not the class): a plain function for Ray, fused into the write task.

@@ -81,9 +81,9 @@ def check_model(config: JobConfig) -> ModelIdentity:
     """The model's identity, and its config and tokenizer loaded once on the driver: a checkpoint
     the job cannot score is refused here, not after every actor has failed to start."""
     from visualprm_ray.model.checkpoint import CheckpointError, load_preprocessing
-    from visualprm_ray.model.source import ModelIdentityError, model_identity, resolve_model_source
+    from visualprm_ray.model.source import ModelIdentityError, model_identity, preprocessing_directory
     from visualprm_ray.model.tokenizer import TokenizerError
-    from visualprm_ray.storage import PREPROCESSING_PATTERNS, StorageError, redact
+    from visualprm_ray.storage import StorageError, redact
 
     source = str(config.model.source)
     shown = redact(source)
@@ -108,12 +108,8 @@ def check_model(config: JobConfig) -> ModelIdentity:
             f"model: {shown} holds no config.json, so it is not a checkpoint; --model takes {MODEL_FORMS}"
         )
     try:
-        directory = resolve_model_source(
-            source,
-            storage=config.storage,
-            cache_dir=config.model.cache_dir,
-            patterns=PREPROCESSING_PATTERNS,
-            pinned=identity,
+        directory = preprocessing_directory(
+            source, storage=config.storage, cache_dir=config.model.cache_dir, pinned=identity
         )
         load_preprocessing(directory, config.model.tokenizer)
     except (CheckpointError, TokenizerError) as exc:

@@ -191,6 +191,22 @@ def resolve_model_source(
     return Path(snapshot_download(text, revision=revision, allow_patterns=allow))
 
 
+def preprocessing_directory(
+    source: str | Path,
+    *,
+    storage: StorageOptions | None = None,
+    cache_dir: str | None = None,
+    pinned: ModelIdentity | None = None,
+) -> Path:
+    """A local directory with the model's config and tokenizer files alone: what tokenizing and
+    tiling need. A CPU node never fetches (or hashes) the weights."""
+    from visualprm_ray.storage import PREPROCESSING_PATTERNS
+
+    return resolve_model_source(
+        source, storage=storage, cache_dir=cache_dir, pinned=pinned, patterns=PREPROCESSING_PATTERNS
+    )
+
+
 def _check(source: str, pinned: ModelIdentity, found: ModelIdentity) -> None:
     if found.digest != pinned.digest:
         from visualprm_ray.storage import describe_listing_change, redact

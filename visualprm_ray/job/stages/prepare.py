@@ -90,21 +90,14 @@ class PrepareStage:
 
     def _load(self, model_dir: str, model_identity: dict | None) -> None:
         from visualprm_ray.model.checkpoint import load_preprocessing
-        from visualprm_ray.model.source import ModelIdentity, resolve_model_source
+        from visualprm_ray.model.source import ModelIdentity, preprocessing_directory
 
         if self.faults is not None:
             self.faults.before_start(STAGE)
         config = self.config
         pinned = ModelIdentity.from_dict(model_identity) if model_identity else None
-        from visualprm_ray.storage import PREPROCESSING_PATTERNS
-
-        # Config and tokenizer only: a CPU node never fetches (or hashes) the weights.
-        directory = resolve_model_source(
-            model_dir,
-            storage=config.storage,
-            cache_dir=config.model.cache_dir,
-            pinned=pinned,
-            patterns=PREPROCESSING_PATTERNS,
+        directory = preprocessing_directory(
+            model_dir, storage=config.storage, cache_dir=config.model.cache_dir, pinned=pinned
         )
         self.tokenizer, self.info = load_preprocessing(directory, config.model.tokenizer)
 
