@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from tests.model.real_artifacts import TOKENIZER_FILES, real
+from real_artifacts import TOKENIZER_FILES, real
 
 
 @pytest.fixture

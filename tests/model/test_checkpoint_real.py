@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
+from real_artifacts import real
 
-from tests.model.real_artifacts import real
 from visualprm_ray.model.checkpoint import (
     CheckpointError,
     check_scorable,

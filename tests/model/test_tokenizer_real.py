@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from real_artifacts import TOKENIZER_FILES, real
 
-from tests.model.real_artifacts import TOKENIZER_FILES, real
 from visualprm_ray.model.tokenizer import (
     PROMPT_TOKENS,
     TokenizerError,
