@@ -42,3 +42,24 @@ def test_a_relative_path_whose_first_directory_exists_is_a_path(tmp_path, monkey
     (tmp_path / "models" / "tiny-prm").mkdir()
     assert "did you mean" in _near("models/tiny-prn") and "tiny-prm" in _near("models/tiny-prn")
     assert "does not exist" in _near("nowhere/at/all")
+
+
+def test_an_output_in_a_missing_bucket_is_refused_not_created(s3_env, monkeypatch):
+    import boto3
+
+    from visualprm_ray.job.config import JobConfig
+    from visualprm_ray.job.preflight import SetupError, check_output
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    config = JobConfig.from_sources(
+        None, [], input_uri="/in", output_uri="s3://no-such-bucket-here/scores/", model_source="/m"
+    )
+    with pytest.raises(SetupError, match="output: cannot write to s3://no-such-bucket-here/scores/"):
+        check_output(config)
+    names = [b["Name"] for b in boto3.client("s3").list_buckets()["Buckets"]]
+    assert "no-such-bucket-here" not in names
+    ok = JobConfig.from_sources(
+        None, [], input_uri="/in", output_uri=f"s3://{s3_env}/scores/", model_source="/m"
+    )
+    check_output(ok)  # writable: the probe goes and nothing stays
+    assert boto3.client("s3").list_objects_v2(Bucket=s3_env).get("KeyCount", 0) == 0

@@ -43,6 +43,8 @@ def storage_problem(exc: BaseException, uri: str) -> str | None:
             )
         if name in ("InvalidAccessKeyId", "SignatureDoesNotMatch") or "InvalidAccessKeyId" in text:
             return f"the credentials in the environment are not valid for {redact(uri)} ({text})"
+        if isinstance(seen, PermissionError) and "://" not in uri:
+            return f"permission denied for {uri} ({seen.strerror or text})"
         if isinstance(seen, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
             return f"access denied to {redact(uri)}: the credentials in use may not read or write it"
         if name in ("EndpointConnectionError", "ConnectTimeoutError") or isinstance(seen, StorageError):
@@ -166,7 +168,10 @@ def check_output(config: JobConfig) -> None:
     fs, root = fsspec_filesystem(uri, config.storage)
     probe = f"{root.rstrip('/')}/{PROBE}"
     try:
-        fs.makedirs(root, exist_ok=True)
+        if split_uri(uri)[0] == "file":
+            # Local only: on an object store there are no directories, and s3fs's makedirs would
+            # create a missing bucket (a typo in the bucket's name must fail, not make one).
+            fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
     except Exception as exc:

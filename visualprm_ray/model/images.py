@@ -81,7 +81,7 @@ def read_uri_bytes(
     try:
         return with_retries(
             lambda: read_range(resolved, options, end=end),
-            what=f"reading image {uri}",
+            what=f"reading image {resolved}",
             retries=options.retries if options else 5,
         )
     except (FileNotFoundError, IsADirectoryError) as exc:
