@@ -301,7 +301,6 @@ def _run(config: JobConfig, identity, listing, fingerprint: str, started: float,
                     progress=progress_name,
                     journal=journal_name,
                     skip=skip,
-                    rows=left,
                 )
                 compression = None if config.output.compression == "none" else config.output.compression
                 try:

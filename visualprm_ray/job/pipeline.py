@@ -30,14 +30,12 @@ def build_dataset(
     progress: str | None = None,
     journal: str | None = None,
     skip: dict[int, FileSkip] | None = None,
-    rows: int | None = None,
 ):
     """The lazy dataset of output rows (candidate rows in the output schema).
 
     ``model_identity`` pins the model: every actor refuses to load anything else;
     ``journal`` names the crash journal actor (poison-row isolation, :mod:`visualprm_ray.job.journal`);
-    ``skip`` is what an earlier attempt committed, for the read to leave out (resume), and
-    ``rows`` the group rows left to score (all of the plan's when None).
+    ``skip`` is what an earlier attempt committed, for the read to leave out (resume).
     """
     from ray.data import ActorPoolStrategy
 
@@ -68,7 +66,6 @@ def build_dataset(
         num_cpus=rt.cpus_per_preparer,
         **common,
     )
-    batches = -(-(rows if rows is not None else plan.num_rows) // rt.groups_per_batch)
     ds = ds.map_batches(
         ScoreStage,
         fn_constructor_kwargs={
@@ -76,11 +73,10 @@ def build_dataset(
             "device": resources.device,
             "cpu_threads": resources.cpu_threads_per_scorer,
         },
-        # The pool starts at what the cluster holds and grows as nodes join, up to max_scorers;
-        # never more at start than there are batches to give them (Ray Data warns otherwise).
+        # The pool starts at what the cluster holds (or runtime.num_scorers) and grows as nodes
+        # join, up to max_scorers.
         compute=ActorPoolStrategy(
-            min_size=max(1, min(resources.num_scorers, batches)),
-            max_size=resources.max_scorers or resources.num_scorers,
+            min_size=resources.num_scorers, max_size=resources.max_scorers or resources.num_scorers
         ),
         num_cpus=rt.cpus_per_scorer,
         num_gpus=resources.gpus_per_scorer,
