@@ -195,3 +195,30 @@ def test_a_group_that_kills_the_preparer_every_time_is_recorded(
             assert row["step_scores"] == pytest.approx(reference[key], abs=1e-4), key
     assert manifest["counts"]["errors_by_kind"] == {"preparer_crash": 3}
     assert manifest["counts"]["scored"] == 21
+
+
+def test_a_crowded_cluster_is_said_at_the_start(ray_local, tmp_path):
+    """CPUs that other work holds: the job says at the start that its pools will wait, and what
+    makes them smaller, instead of leaving the wait to the stall timeout."""
+    from visualprm_ray.job.driver import _crowded
+    from visualprm_ray.job.layout import Resources
+
+    config = JobConfig.from_sources(
+        None, [], input_uri=str(tmp_path / "in"), output_uri=str(tmp_path / "out"), model_source="m"
+    )
+    resources = Resources(device="cpu", num_scorers=1, gpus_per_scorer=0, num_preparers=1)
+    assert _crowded(config, resources) is None  # 4 CPUs free, 3 needed
+
+    @ray_local.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    try:
+        ray_local.get(holder.ready.remote())
+        message = _crowded(config, resources)
+        assert message is not None and "2 CPU(s) of the cluster are free now" in message
+        assert "need 3" in message and "runtime.num_preparers" in message
+    finally:
+        ray_local.kill(holder)

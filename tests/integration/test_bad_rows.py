@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
+import traceback
 import zlib
 
 import pyarrow as pa
@@ -251,3 +253,10 @@ def test_on_error_raise_fails_the_job_naming_the_problem(ray_local, tiny_model, 
     with pytest.raises(Exception, match="cannot be decoded") as info:
         run_job(_config(tmp_path, tiny_model, "runtime.on_error=raise"), emit=lambda *_: None)
     assert "ImageError" in repr(info.value) or "ImageError" in str(info.value)
+    # The kept exception (as a notebook keeps its last one) holds none of the job's actors: they
+    # end and give their CPUs back, so the next job on this Ray can start its pools.
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"CPUs still held: {ray_local.available_resources()}"
+        time.sleep(0.5)
+    assert "run_job" in "".join(traceback.format_exception(info.value))  # the traceback is intact

@@ -221,6 +221,27 @@ def run_job(config: JobConfig, *, emit=print) -> dict[str, Any]:
     return _run(config, identity, listing, fingerprint, started, emit)
 
 
+def _crowded(config: JobConfig, resources) -> str | None:
+    """Why the pools may wait: the CPUs free now cannot hold them and a read task beside them.
+
+    The pools are sized from the cluster's total; on a Ray that other work (or an earlier job in
+    the same session) still holds part of, the job starts but waits until CPUs free up, and
+    ``runtime.stall_timeout_s`` ends it if they never do. Said at the start, not after the timeout.
+    """
+    import ray
+
+    rt = config.runtime
+    needed = resources.num_scorers * rt.cpus_per_scorer + resources.num_preparers * rt.cpus_per_preparer + 1
+    free = ray.available_resources().get("CPU", 0.0)
+    if free >= needed:
+        return None
+    return (
+        f"{free:g} CPU(s) of the cluster are free now, and the actor pools and a read task need {needed:g}: "
+        "the job waits until other work frees them (or nodes join); runtime.num_preparers, "
+        "runtime.num_scorers and runtime.cpus_per_preparer make the pools smaller"
+    )
+
+
 def _run(config: JobConfig, identity, listing, fingerprint: str, started: float, emit) -> dict[str, Any]:
     import ray
 
@@ -247,6 +268,9 @@ def _run(config: JobConfig, identity, listing, fingerprint: str, started: float,
         if resources.max_scorers and resources.max_scorers > resources.num_scorers
         else ""
     )
+    crowded = _crowded(config, resources)
+    if crowded:
+        emit(f"[visualprm-ray] warning: {crowded}")
     emit(
         f"[visualprm-ray] {len(plan.files)} file(s), layout {plan.layout}, {counts.candidates_in} candidates; "
         f"{resources.num_scorers} scorer(s){grows} on {resources.device}{threads}, "

@@ -7,6 +7,7 @@ Ray Data's own progress bars stay on for terminals.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -25,6 +26,8 @@ def _actor_class():
             self.counts: dict[str, float] = {"scored": 0, "errored": 0, "tokens": 0}
             # Each stage's actors as they started (actor id -> node id): a pool that grew shows it here.
             self.started: dict[str, dict[str, str]] = {}
+            # Every actor the job's pools created, from the first line of its constructor on.
+            self.joined: set[str] = set()
             self.metrics = {
                 "scored": Counter("visualprm_candidates_scored", description="Candidates scored."),
                 "errored": Counter(
@@ -61,6 +64,12 @@ def _actor_class():
         def started_on(self, stage: str, actor_id: str, node_id: str) -> None:
             self.started.setdefault(stage, {})[actor_id] = node_id
 
+        def joined_job(self, actor_id: str) -> None:
+            self.joined.add(actor_id)
+
+        def actor_ids(self) -> list[str]:
+            return sorted(self.joined)
+
         def snapshot(self) -> dict[str, float]:
             return dict(self.counts)
 
@@ -87,6 +96,13 @@ class ProgressReporter:
 
     def add(self, **counts: int) -> None:
         self.handle.add.remote(**counts)
+
+    def joined(self) -> None:
+        """Record this actor as one of the job's, so that the job's end ends it (see
+        :meth:`ProgressPrinter.__exit__`). Called first thing in a stage's constructor."""
+        import ray
+
+        self.handle.joined_job.remote(ray.get_runtime_context().get_actor_id() or "")
 
     def started(self, stage: str) -> None:
         """Record that this actor of ``stage`` started, and on which node."""
@@ -150,5 +166,32 @@ class ProgressPrinter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import ray
+
         self._stop.set()
         self._thread.join(timeout=5)
+        try:
+            end_actors(ray.get(self.actor.actor_ids.remote()))
+        finally:
+            ray.kill(self.actor)
+
+
+def end_actors(actor_ids: list[str]) -> None:
+    """End the job's stage actors, finished or not.
+
+    Ray Data lets an actor pool go by dropping its handles, and Ray ends an actor once no handle
+    refers to it. After a failed job that is not enough: a task still in flight on an actor when
+    the job failed keeps a completion callback, and through it the actor's handle, registered in
+    Ray's core worker, so the actor lives on holding its CPUs (or GPU), and the next job on the same
+    Ray waits forever for resources that never free up (seen with ``runtime.on_error: raise``).
+    ``ray.kill`` needs a handle; the pools' handles are Ray Data's, so the kill goes by actor id
+    through the core worker, as ``ray.kill`` itself does.
+    """
+    import ray
+    from ray.exceptions import ActorHandleNotFoundError
+
+    core = ray._private.worker.global_worker.core_worker
+    for actor_id in actor_ids:
+        # Not found: its handles are gone already, and so is the actor (or it is on its way out).
+        with contextlib.suppress(ActorHandleNotFoundError):
+            core.kill_actor(ray.ActorID.from_hex(actor_id), True)

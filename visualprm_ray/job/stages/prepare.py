@@ -78,6 +78,9 @@ class PrepareStage:
         from visualprm_ray.job.progress import ProgressReporter
         from visualprm_ray.job.startup import start
 
+        self.progress = ProgressReporter.connect(progress) if progress else None
+        if self.progress is not None:
+            self.progress.joined()  # before anything can fail: the job's end ends this actor
         self.config = config
         self.faults = faults.active_plan()
         self._fetched: dict = {}  # the current batch's images read by path/URI
@@ -85,7 +88,6 @@ class PrepareStage:
         self.system_message = config.model.system_message or self.info.system_message
         self.max_context = config.scoring.max_context or self.info.max_context
         self.max_tiles = config.images.max_tiles or self.info.max_tiles
-        self.progress = ProgressReporter.connect(progress) if progress else None
         self.journal = JournalClient(journal, STAGE) if journal else None
 
     def _load(self, model_dir: str, model_identity: dict | None) -> None:

@@ -118,8 +118,12 @@ class ScoreStage:
         from concurrent.futures import ThreadPoolExecutor
 
         from visualprm_ray.job import faults
+        from visualprm_ray.job.progress import ProgressReporter
         from visualprm_ray.job.startup import start
 
+        self.progress = ProgressReporter.connect(progress) if progress else None
+        if self.progress is not None:
+            self.progress.joined()  # before anything can fail: the job's end ends this actor
         # Every torch call of this actor (the model load here, each batch in __call__) runs on
         # this one thread. Ray Data calls __call__ from its own worker thread, not the thread
         # that ran __init__; once torch has run on two threads (likely cause: OpenMP keeps a
@@ -133,10 +137,8 @@ class ScoreStage:
         )
         self.max_crashes = config.runtime.max_crashes_per_group
         from visualprm_ray.job.journal import JournalClient
-        from visualprm_ray.job.progress import ProgressReporter
 
         self.journal = JournalClient(journal, STAGE) if journal else None
-        self.progress = ProgressReporter.connect(progress) if progress else None
         if self.progress is not None:
             self.progress.started(STAGE)
 
