@@ -137,6 +137,39 @@ def _eval_bon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from visualprm_ray.export import ExportConfig, ExportError, run_export
+    from visualprm_ray.job.config import ConfigError
+    from visualprm_ray.storage import StorageError
+
+    try:
+        config = ExportConfig.from_sources(
+            args.config,
+            args.set,
+            scores_uri=args.scores,
+            scores_allow_incomplete=True if args.allow_incomplete else None,
+            input_uri=args.input,
+            export_format=args.format,
+            export_min_margin=args.min_margin,
+            export_min_score=args.min_score,
+            export_threshold=args.threshold,
+            output_uri=args.to,
+        )
+    except ConfigError as exc:
+        print(f"visualprm-ray export: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_export(config)
+    except (ExportError, FileNotFoundError, StorageError) as exc:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"visualprm-ray export: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visualprm-ray",
@@ -277,6 +310,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-incomplete", action="store_true", help="read an output that has no _SUCCESS marker yet"
     )
     bon.set_defaults(func=_eval_bon)
+
+    export = commands.add_parser(
+        "export",
+        help="turn a finished scores output into training data: dpo pairs, sft sets or prm step labels",
+        description="Join a scores output back to its input (images included, on Ray) and write a Hugging "
+        "Face datasets Parquet dataset in TRL's form: dpo (preference: best vs lowest score), sft "
+        "(prompt-completion: the best candidate) or prm (stepwise supervision: steps and step labels). "
+        "Writes README.md (the dataset card), _export.json (counts, and groups left out by reason) and "
+        "_SUCCESS. Precedence: --config YAML < the flags < --set. Exit status: 0 done, 2 a scores output "
+        "without _SUCCESS, a changed input, an output that holds files or a bad configuration.",
+    )
+    export.add_argument("scores", metavar="SCORES_URI", help="the scoring job's output (local, s3://, gs://)")
+    export.add_argument("--format", choices=["dpo", "sft", "prm"], help="the training-data format")
+    export.add_argument("--to", metavar="OUT_URI", help="where to write the dataset")
+    export.add_argument("--input", help="the rollouts the scores were made from (default: the manifest's)")
+    export.add_argument("--min-margin", type=float, help="dpo: best minus lowest score at least this (0)")
+    export.add_argument("--min-score", type=float, help="sft: the best score at least this (no floor)")
+    export.add_argument(
+        "--threshold",
+        type=float,
+        help="prm: a step's label is step_score > this (the job's scoring.threshold)",
+    )
+    export.add_argument(
+        "--allow-incomplete", action="store_true", help="read a scores output that has no _SUCCESS marker"
+    )
+    export.add_argument(
+        "--config", help="export config YAML (sections scores, input, export, output, runtime, storage)"
+    )
+    export.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
+    export.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
+    export.set_defaults(func=_export)
     return parser
 
 

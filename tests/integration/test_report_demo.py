@@ -65,6 +65,18 @@ def test_demo_report_shows_the_run(demo_page):
     assert text.index(f">{escape(lowest['id'])}<", first_group) < text.index(
         '<details class="group"', first_group + 1
     )
+    # Its card starts with what a person judges a ranking by: the question and the image, the
+    # thumbnail the input's own image made small.
+    group_html = text[first_group : text.index('<div class="cands">', first_group)]
+    assert f'<p class="question">{escape(lowest["question"])}</p>' in group_html
+    thumbs = [a["src"] for t, a in _Tags(group_html).tags if t == "img" and "thumb" in (a.get("class") or "")]
+    assert len(thumbs) == 1
+    source = pd.read_parquet(workdir / "rollouts")
+    original = Image.open(io.BytesIO(source.loc[source["id"] == lowest["id"], "image"].iloc[0]))
+    with Image.open(io.BytesIO(base64.b64decode(thumbs[0].split(",", 1)[1], validate=True))) as thumb:
+        assert max(thumb.size) == 160 and thumb.size[0] / thumb.size[1] == pytest.approx(
+            original.size[0] / original.size[1], rel=0.02
+        )
     steps = split_steps(lowest["response"], manifest["config"]["scoring"]["max_steps"])
     assert len(steps) == lowest["num_steps"]
     for step, score in zip(steps, lowest["step_scores"], strict=True):

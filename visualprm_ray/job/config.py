@@ -35,12 +35,15 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from visualprm_ray.storage import StorageOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = [
     "ConfigError",
@@ -51,6 +54,7 @@ __all__ = [
     "OutputConfig",
     "RuntimeConfig",
     "ScoringConfig",
+    "SectionedConfig",
     "StorageOptions",
     "describe_fields",
 ]
@@ -334,7 +338,62 @@ class RuntimeConfig(BaseModel):
     )
 
 
-class JobConfig(BaseModel):
+class SectionedConfig(BaseModel):
+    """A config of sections (the job's, the export's): loaded from YAML, CLI flags and ``--set``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # ----------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Validate a plain mapping; errors are raised as :class:`ConfigError` naming every bad key."""
+        try:
+            return cls.model_validate(_drop_empty_sections(cls, dict(data)))
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, cls)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Load and validate a YAML file."""
+        return cls.from_dict(_load_yaml_file(path))
+
+    @classmethod
+    def from_sources(
+        cls,
+        config_file: str | Path | None,
+        overrides: Sequence[str] = (),
+        **flags: Any,
+    ) -> Self:
+        """Build a configuration the way the CLI does.
+
+        Precedence, lowest first: the YAML ``config_file`` (optional), then ``flags``, then ``overrides``.
+
+        ``flags`` are the CLI's shortcuts, named ``<section>_<field>`` (``input_uri``, ``output_uri``,
+        ``model_source``, ``runtime_ray_address`` ...); a flag whose value is ``None`` was not given and
+        is skipped.
+
+        ``overrides`` are ``--set`` strings ``a.b=c``: a dotted path into the sections and a value parsed
+        as YAML, so ``12``, ``0.5``, ``true``, ``null`` and ``[a, b]`` get their types. A field that only
+        takes text (``model.system_message``, ``input.uri`` ...) keeps the raw string, so
+        ``--set model.system_message=Note: yes`` is the string it looks like; ``null`` (or nothing after
+        ``=``) still means null there, and quoting (``'null'``) gives the literal text. A path that names no
+        field is an error naming the bad key.
+        """
+        data: dict[str, Any] = _load_yaml_file(config_file) if config_file is not None else {}
+        data = _drop_empty_sections(cls, data)
+        for name, value in flags.items():
+            if value is None:
+                continue
+            path = _flag_path(cls, name)
+            _set_path(data, path, value)
+        for override in overrides:
+            path, value = _parse_override(cls, override)
+            _set_path(data, path, value)
+        return cls.from_dict(data)
+
+
+class JobConfig(SectionedConfig):
     """A whole scoring job. Build it with :meth:`from_yaml` or :meth:`from_sources`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -366,55 +425,6 @@ class JobConfig(BaseModel):
         if self.output.uri.rstrip("/") == self.input.uri.rstrip("/"):
             raise ValueError(f"output.uri must differ from input.uri (both are {self.input.uri!r})")
         return self
-
-    # ----------------------------------------------------------------------------------------- loading
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JobConfig:
-        """Validate a plain mapping; errors are raised as :class:`ConfigError` naming every bad key."""
-        try:
-            return cls.model_validate(_drop_empty_sections(cls, dict(data)))
-        except ValidationError as exc:
-            raise ConfigError(_format_validation_error(exc, cls)) from None
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> JobConfig:
-        """Load and validate a YAML file."""
-        return cls.from_dict(_load_yaml_file(path))
-
-    @classmethod
-    def from_sources(
-        cls,
-        config_file: str | Path | None,
-        overrides: Sequence[str] = (),
-        **flags: Any,
-    ) -> JobConfig:
-        """Build a configuration the way the CLI does.
-
-        Precedence, lowest first: the YAML ``config_file`` (optional), then ``flags``, then ``overrides``.
-
-        ``flags`` are the CLI's shortcuts, named ``<section>_<field>`` (``input_uri``, ``output_uri``,
-        ``model_source``, ``runtime_ray_address`` ...); a flag whose value is ``None`` was not given and
-        is skipped.
-
-        ``overrides`` are ``--set`` strings ``a.b=c``: a dotted path into the sections and a value parsed
-        as YAML, so ``12``, ``0.5``, ``true``, ``null`` and ``[a, b]`` get their types. A field that only
-        takes text (``model.system_message``, ``input.uri`` ...) keeps the raw string, so
-        ``--set model.system_message=Note: yes`` is the string it looks like; ``null`` (or nothing after
-        ``=``) still means null there, and quoting (``'null'``) gives the literal text. A path that names no
-        field is an error naming the bad key.
-        """
-        data: dict[str, Any] = _load_yaml_file(config_file) if config_file is not None else {}
-        data = _drop_empty_sections(cls, data)
-        for name, value in flags.items():
-            if value is None:
-                continue
-            path = _flag_path(cls, name)
-            _set_path(data, path, value)
-        for override in overrides:
-            path, value = _parse_override(cls, override)
-            _set_path(data, path, value)
-        return cls.from_dict(data)
 
     # ---------------------------------------------------------------------------------------- writing
 

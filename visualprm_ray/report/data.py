@@ -55,6 +55,7 @@ class Run:
     table: pa.Table
     passthrough: list[str]
     dataset: pyarrow.dataset.Dataset | None  # None when the run wrote no files
+    options: StorageOptions | None = None  # how the output (and the input, for images) is reached
 
     @property
     def max_steps(self) -> int | None:
@@ -120,6 +121,9 @@ class GroupView:
     margin: float | None
     fields: list[tuple[str, str]]  # passthrough values shared by the whole group
     candidates: list[CandidateView]
+    question: str | None = None  # the question column passed through by the job (output.include_question)
+    thumbnails: list[str] = field(default_factory=list)  # the group's images, small, as data URIs
+    image_note: str | None = None  # why an image is not shown
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -145,14 +149,14 @@ def load_run(uri: str, options: StorageOptions | None = None) -> Run:
     complete = fs.exists(f"{root}/{SUCCESS}")
     files = list_files(uri, options, recursive=False)  # the job's files, as the job counts them
     if not files:
-        return Run(uri, manifest, complete, [], OUTPUT_SCHEMA.empty_table(), [], None)
+        return Run(uri, manifest, complete, [], OUTPUT_SCHEMA.empty_table(), [], None, options)
     pa_fs, _ = pyarrow_filesystem(uri, options)
     # list_files gives URIs; the pyarrow filesystem wants its own paths (bucket/key, or absolute).
     dataset = ds.dataset([fs._strip_protocol(f) for f in files], filesystem=pa_fs, format="parquet")
     passthrough = [name for name in dataset.schema.names if name not in RESERVED]
     columns = [*LIGHT_COLUMNS, *(c for c in OPTIONAL_COLUMNS if c in dataset.schema.names)]
     table = dataset.to_table(columns=columns)
-    return Run(uri, manifest, complete, files, pa.table(table), passthrough, dataset)
+    return Run(uri, manifest, complete, files, pa.table(table), passthrough, dataset, options)
 
 
 # ----------------------------------------------------------------------------------------- summaries
@@ -309,6 +313,10 @@ def group_views(run: Run, summary: Summary, ids: list[str]) -> list[GroupView]:
     columns = [*run.table.column_names, "response", *scalar]
     rows = run.dataset.to_table(columns=columns, filter=ds.field("id").isin(ids)).to_pylist()
     best = dict(zip(summary.group_ids, summary.group_best.tolist(), strict=True))
+    from visualprm_ray.report.images import thumbnails
+
+    question_col = ((run.manifest.get("config") or {}).get("input") or {}).get("question_column")
+    images = thumbnails(run.manifest, ids, run.options)
     by_id: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
     for row in rows:
         by_id[row["id"]].append(row)
@@ -342,8 +350,14 @@ def group_views(run: Run, summary: Summary, ids: list[str]) -> list[GroupView]:
                     fields=[(n, v) for n in own if (v := _display_value(r[n])) is not None],
                 )
             )
-        fields = [(n, v) for n in shared if (v := _display_value(members[0][n])) is not None]
-        views.append(GroupView(gid, best[gid], summary.margin_of(gid), fields, candidates))
+        question = members[0].get(question_col) if question_col in scalar else None
+        fields = [
+            (n, v) for n in shared if n != question_col and (v := _display_value(members[0][n])) is not None
+        ]
+        thumbs, note = images.get(gid, ([], None))
+        views.append(
+            GroupView(gid, best[gid], summary.margin_of(gid), fields, candidates, question, thumbs, note)
+        )
     return views
 
 

@@ -109,6 +109,9 @@ figcaption { color: var(--muted); font-size: 12.5px; margin-top: 6px; }
                background: linear-gradient(to right, rgb(215,48,39), rgb(252,141,89), rgb(254,224,139),
                                            rgb(145,207,96), rgb(26,152,80)); }
 details.group { background: var(--card); border: 1px solid var(--line); border-radius: 8px; margin-bottom: 12px; }
+.group-head { padding: 8px 14px; display: flex; gap: 12px; align-items: flex-start; flex-wrap: wrap; }
+.group-head img.thumb { max-width: 160px; max-height: 160px; border: 1px solid var(--line); border-radius: 4px; }
+.group-head .question { margin: 0; flex: 1 1 320px; white-space: pre-wrap; }
 details.group > summary { cursor: pointer; padding: 10px 14px; display: flex; flex-wrap: wrap; gap: 6px 14px;
                           align-items: center; list-style: none; }
 details.group > summary::-webkit-details-marker { display: none; }
@@ -419,7 +422,17 @@ def _group(g: GroupView) -> str:
     if best is not None:
         summary.append(_strip(best))
     candidates = "".join(_candidate(c) for c in g.candidates)
-    return f'<details class="group" open><summary>{"".join(summary)}</summary><div class="cands">{candidates}</div></details>'
+    # What a person looks at first when judging a ranking: the question and the image(s).
+    head = "".join(
+        f'<img class="thumb" src="{src}" alt="image {k + 1} of {_e(g.id)}">'
+        for k, src in enumerate(g.thumbnails)
+    )
+    if g.image_note:
+        head += f'<p class="note">{_e(g.image_note)}</p>'
+    if g.question:
+        head += f'<p class="question">{_e(g.question)}</p>'
+    head = f'<div class="group-head">{head}</div>' if head else ""
+    return f'<details class="group" open><summary>{"".join(summary)}</summary>{head}<div class="cands">{candidates}</div></details>'
 
 
 def _groups_section(low: list[GroupView], high: list[GroupView]) -> str:
