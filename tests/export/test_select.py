@@ -160,3 +160,11 @@ def test_the_map_groups_function_marks_the_first_row_and_keeps_the_schema():
     out = select_table(table, selection=selection, schema=selected_schema(selection, passthrough))
     assert out.schema == selected_schema(selection, passthrough)
     assert out[FIRST].to_pylist() == [True, None, None, None]
+
+
+def test_a_candidate_held_twice_by_an_unfinished_run_counts_once():
+    rows = _group()
+    rows += [dict(r) for r in rows[1:]]  # every score row again (a file a resume would remove)
+    (row,) = select_group(rows, Selection("dpo"))
+    assert (row["chosen_index"], row["rejected_index"]) == (1, 2)
+    assert len(select_group(rows, Selection("prm"))) == 4

@@ -92,8 +92,6 @@ def _check_output(config: ExportConfig) -> None:
 
 def run_export(config: ExportConfig, *, emit=print) -> dict[str, Any]:
     """Run the export to completion and return what ``_export.json`` records."""
-    import ray
-
     from visualprm_ray.job.driver import MANIFEST, SUCCESS, init_ray, input_fingerprint
     from visualprm_ray.job.inputs import plan_read
     from visualprm_ray.storage import list_files, redact
@@ -162,7 +160,6 @@ def run_export(config: ExportConfig, *, emit=print) -> dict[str, Any]:
         )
         + f" -> {redact(config.output.uri)}"
     )
-    del ray
     return record
 
 

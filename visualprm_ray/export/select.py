@@ -216,7 +216,11 @@ def select_group(rows: list[dict[str, Any]], selection: Selection) -> list[dict[
 
     group_id = rows[0][col.ID]
     inputs = [r for r in rows if r[SIDE] == INPUT_SIDE]
-    scores = [r for r in rows if r[SIDE] == SCORE_SIDE]
+    # One row per candidate: an unfinished run (--allow-incomplete) may hold a candidate twice, in
+    # a file a resume would have removed; its first row stands for it.
+    scores = list(
+        {r["candidate_index"]: r for r in reversed([r for r in rows if r[SIDE] == SCORE_SIDE])}.values()
+    )
 
     def skipped(reason: str) -> list[dict[str, Any]]:
         # No image to read; -1 sorts these rows together (a sort key is never null).
