@@ -96,6 +96,10 @@ def test_every_footer_is_read_and_paths_are_relative_to_the_input_root(tmp_path)
     assert [f.relpath for f in plan.files] == ["day1/a.parquet", "day2/a.parquet"]
     assert [f.num_rows for f in plan.files] == [2, 1]
     assert dict(plan.files[0].column_bytes)["image"] > 0
+    # Summed over the files, from the footers alone: what output files are sized from.
+    sizes = plan.column_sizes()
+    assert sizes["image"] == sum(dict(f.column_bytes)["image"] for f in plan.files)
+    assert set(sizes) == {"id", "question", "responses", "image"}
     assert relative_names("s3://b/in/*.parquet", ["s3://b/in/x.parquet"]) == ["x.parquet"]
     assert relative_names("s3://b/in/x.parquet", ["s3://b/in/x.parquet"]) == ["x.parquet"]
     assert relative_names("s3://b/in/", ["s3://b/in/d/x.parquet"]) == ["d/x.parquet"]

@@ -361,10 +361,7 @@ def _sink(config: ExportConfig, job, plan, schema: pa.Schema):
 
 def _row_bytes(config: ExportConfig, job, plan) -> int:
     """Bytes of one exported row, estimated from the input's footers (uncompressed)."""
-    sizes: dict[str, int] = {}
-    for f in plan.files:
-        for name, size in f.column_bytes:
-            sizes[name] = sizes.get(name, 0) + size
+    sizes = plan.column_sizes()
     rows = max(1, plan.num_rows)
     inp = job.input
     image = sizes.get(inp.image_column, 0) / rows

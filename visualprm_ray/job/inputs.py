@@ -113,6 +113,15 @@ class ReadPlan:
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 
+    def column_sizes(self) -> dict[str, int]:
+        """Uncompressed bytes of each column over every file, from the footers: what output
+        files are sized from (the job's score files, the export's dataset files)."""
+        sizes: dict[str, int] = {}
+        for f in self.files:
+            for name, size in f.column_bytes:
+                sizes[name] = sizes.get(name, 0) + size
+        return sizes
+
 
 def _normal(t: pa.DataType) -> pa.DataType:
     """One type per family: large and view variants are the same data to the job."""

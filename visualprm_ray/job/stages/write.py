@@ -96,10 +96,7 @@ def rows_per_file(config: JobConfig, plan: ReadPlan, candidates: int) -> int:
         return config.output.min_rows_per_file
     if not candidates:
         return _MIN_ROWS
-    sizes: dict[str, int] = {}
-    for f in plan.files:
-        for name, size in f.column_bytes:
-            sizes[name] = sizes.get(name, 0) + size
+    sizes = plan.column_sizes()
     inp = config.input
     texts = (
         [inp.responses_column, inp.response_column, inp.steps_column]
