@@ -5,7 +5,7 @@ local Ray cannot share one process. Every node gets its own model cache (``VISUA
 as nodes of a real cluster have their own disks; the head node, where the driver runs, has no
 CPUs, so every task and actor runs on the worker nodes the scenario removes and adds.
 
-    python multinode.py SCENARIO WORKDIR   # prints one JSON line: what happened
+    python multinode.py SCENARIO WORKDIR   # writes WORKDIR/report.json: what happened
 
 Scenarios:
 - ``node-loss``: a worker node is removed without warning once the first groups are scored, and a
@@ -135,7 +135,8 @@ def main(scenario: str, workdir: Path) -> None:
         },
         "log": lines[-5:],
     }
-    print(json.dumps(report))
+    # A file, not stdout: Ray prints its own lines there (a task retried off a lost node) at any time.
+    (workdir / "report.json").write_text(json.dumps(report))
     ray.shutdown()
     cluster.shutdown()
 

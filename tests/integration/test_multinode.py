@@ -62,7 +62,7 @@ def _run(scenario: str, workdir: Path, proxy, bucket: str, overrides: list[str],
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads((workdir / "report.json").read_text())
 
 
 def _upload(bucket: str, model: Path) -> None:
