@@ -194,6 +194,9 @@ def test_an_unfinished_or_changed_scores_output_is_refused(scored, tmp_path):
         (tmp_path / "_SUCCESS").rename(root / "scores" / "_SUCCESS")
     with pytest.raises(ExportError, match="already holds files"):
         _export(root, "sft", name="out-incomplete")
+    with pytest.raises(ExportError, match="is in the input"):
+        _export(root, "sft", name="in/exported")
+    assert not (root / "in" / "exported").exists()
 
 
 def test_the_command_line_and_a_changed_input(scored, capsys):

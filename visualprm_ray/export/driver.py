@@ -72,13 +72,13 @@ def job_config(config: ExportConfig, manifest: dict[str, Any]):
     return JobConfig.from_dict(data)
 
 
-def _check_output(config: ExportConfig) -> None:
+def _check_output(config: ExportConfig, input_uri: str) -> None:
     from visualprm_ray.storage import fsspec_filesystem, redact, split_uri
 
     out = config.output.uri.rstrip("/")
-    scores = config.scores.uri.rstrip("/")
-    if out == scores or out.startswith(scores + "/"):
-        raise ExportError(f"output {redact(out)} is in the scores ({redact(scores)}); choose another --to")
+    for other, what in ((config.scores.uri.rstrip("/"), "the scores"), (input_uri.rstrip("/"), "the input")):
+        if out == other or out.startswith(other + "/"):
+            raise ExportError(f"output {redact(out)} is in {what} ({redact(other)}); choose another --to")
     fs, path = fsspec_filesystem(out, config.storage)
     if fs.exists(path) and fs.ls(path):
         if config.output.mode == "error":
@@ -109,10 +109,6 @@ def run_export(config: ExportConfig, *, emit=print) -> dict[str, Any]:
             "finish; pass --allow-incomplete to export what it holds"
         )
     job = job_config(config, manifest)
-    if job.output.uri.rstrip("/") == config.output.uri.rstrip("/") or job.input.uri.rstrip(
-        "/"
-    ) == config.output.uri.rstrip("/"):
-        raise ExportError("--to must differ from the scores and the input")
     listing = list_files(job.input.uri, config.storage, detail=True)
     if config.input.uri is None:
         recorded = manifest.get("input", {}).get("fingerprint")
@@ -121,7 +117,7 @@ def run_export(config: ExportConfig, *, emit=print) -> dict[str, Any]:
                 f"the input {redact(job.input.uri)} changed since it was scored (its listing, sizes or "
                 "versions differ from the scores' manifest); pass --input to join from it as it is now"
             )
-    _check_output(config)
+    _check_output(config, job.input.uri)
     init_ray(job)
     plan = plan_read(job, listing)
     score_files, score_schema = _score_files(config, job, scores)
@@ -231,13 +227,11 @@ def build_export(config: ExportConfig, job, plan, score_files, passthrough, thre
     inputs = inputs.map_batches(
         select.input_rows, batch_format="pyarrow", fn_kwargs={"layout": plan.layout, "schema": union}
     )
-    score_columns = ["id", *(n for n in select.SCORE_COLUMNS), *(f.name for f in passthrough)]
     score_schema = pa.schema(
         [pa.field("id", pa.string())]
         + [pa.field(n, t) for n, t in select.SCORE_COLUMNS.items()]
         + list(passthrough)
     )
-    assert score_schema.names == score_columns
     scores = ray.data.read_datasource(
         InputGroups(score_files, config.storage, schema=score_schema, rows_per_block=rows_per_block)
     )

@@ -65,7 +65,15 @@ def _image_cells(inp: dict[str, Any], ids: list[str], options) -> dict[str, Any]
         if name not in by_name or not row.isdigit():
             continue
         with pa_fs.open_input_file(by_name[name]) as f:
-            cells[gid] = pq.read_table(f, columns=[image_col]).slice(int(row), 1)[image_col][0].as_py()
+            # Only the row group that holds the row: one column chunk, not the file's whole column.
+            parquet = pq.ParquetFile(f)
+            row = int(row)
+            for group in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                if row < rows:
+                    cells[gid] = parquet.read_row_group(group, columns=[image_col])[image_col][row].as_py()
+                    break
+                row -= rows
     return cells
 
 
