@@ -4,12 +4,13 @@ Builds VisualPRM-8B's architecture (InternViT-300M + a Llama-shaped 7.7B languag
 real config sizes) with random bf16 weights directly on the device (nothing is downloaded), makes
 groups of candidates for 13-tile images, then measures:
   - the upstream-style loop: one full forward per candidate, image re-encoded every time;
-  - the project's scorer (vision once, prefix once, tree-packed candidates) per attention backend;
+  - the project's scorer (vision once, prefix once) per variant: a layout and the fast paths of
+    KernelOptions (see VARIANT_HELP), every variant on the same inputs, the default first and last;
   - the max difference between the two paths' step scores, and a float32 parity check on a
     real-width, reduced-depth model;
   - rollouts/s, MFU from the FLOP count against a measured bf16 matmul peak, and peak memory.
 `--tiny` runs the same code on the CPU with the tiny test sizes, so the script cannot rot.
-Usage: python benchmarks/gpu_scorer.py [--tiny] [--groups 16] [--json FILE]
+Usage: python benchmarks/gpu_scorer.py [--tiny] [--groups 16] [--variants LIST] [--profile [VARIANT]] [--json FILE]
 """
 
 from __future__ import annotations
@@ -146,6 +147,61 @@ def measure_peak(device: str) -> float | None:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start)
 
 
+# A variant is "default" (what make_scorer picks on this device) or a layout and options joined by
+# "+", e.g. "shared_prefix+varlen+merge": each short name is one KernelOptions value, "cudnn" lets
+# SDPA use cuDNN (off by default), "all" every option at once.
+SHORT_OPTIONS = {
+    "varlen": ("attention", "varlen"),
+    "merge": ("merge", "compiled"),
+    "leaves": ("leaf_ops", "compiled"),
+    "rope": ("rotary", "static"),
+    "async": ("host_syncs", "avoid"),
+}
+VARIANT_HELP = (
+    "default | MODE[+"
+    + "|+".join([*SHORT_OPTIONS, "all", "cudnn"])
+    + "] (MODE: packed, prefix_cache, shared_prefix)"
+)
+# The variants a GPU session compares (benchmarks/gpu_session.py): the default, then each fast
+# path added one at a time on shared_prefix, the model-wide ones on prefix_cache, and the default
+# again, whose two timings bound the drift over the run.
+SESSION_VARIANTS = ",".join(
+    [
+        "default",
+        "shared_prefix",
+        "shared_prefix+varlen",
+        "shared_prefix+varlen+merge",
+        "shared_prefix+varlen+merge+async+rope",
+        "shared_prefix+all",
+        "prefix_cache+leaves+rope+async",
+        "default",
+    ]
+)
+
+
+def make_variant(ck, variant: str, token_budget: int):
+    """The scorer a variant name describes (see VARIANT_HELP)."""
+    from visualprm_ray.model.scoring import KernelOptions, make_scorer
+
+    if variant == "default":
+        return make_scorer(ck, token_budget=token_budget)
+    mode, *names = variant.split("+")
+    values, kernels = {}, "no_cudnn"
+    for name in names:
+        if name == "all":
+            values.update(dict(SHORT_OPTIONS.values()))
+        elif name == "cudnn":
+            kernels = "default"
+        elif name in SHORT_OPTIONS:
+            key, value = SHORT_OPTIONS[name]
+            values[key] = value
+        else:
+            raise ValueError(f"unknown option {name!r} in variant {variant!r}: {VARIANT_HELP}")
+    return make_scorer(
+        ck, token_budget=token_budget, mode=mode, sdpa_kernels=kernels, options=KernelOptions(**values)
+    )
+
+
 def set_attention(model, impl: str) -> None:
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(impl)
@@ -169,21 +225,24 @@ def main() -> None:
     parser.add_argument("--upstream-groups", type=int, default=4, help="groups the slow loop scores")
     parser.add_argument("--token-budget", type=int, default=32768)
     parser.add_argument(
-        "--variants",
-        default="prefix_cache:sdpa/no_cudnn,shared_prefix:sdpa/no_cudnn,prefix_cache:sdpa,packed:sdpa,packed:flex_attention",
-        help="comma-separated MODE:ATTENTION[/no_cudnn] variants to time (modes: packed, prefix_cache, shared_prefix)",
+        "--variants", default=SESSION_VARIANTS, help=f"comma-separated variants to time: {VARIANT_HELP}"
     )
     parser.add_argument(
         "--fresh-shapes",
         action="store_true",
-        help="time every variant on its own freshly drawn groups, so no kernel plan is reused across variants",
+        help="time every variant on one set of freshly drawn groups, none of whose shapes the warm-ups saw",
     )
     parser.add_argument("--fp32-layers", type=int, default=2, help="depth of the float32 parity model")
     parser.add_argument(
         "--budgets", default="", help="extra token budgets to time with sdpa, comma-separated"
     )
     parser.add_argument(
-        "--profile", action="store_true", help="print the top device kernels of one scorer call"
+        "--profile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="VARIANT",
+        help="print the top device kernels of one scorer call of VARIANT (default: the default)",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -205,7 +264,7 @@ def main() -> None:
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:
         args.groups, args.upstream_groups, args.response_tokens = min(args.groups, 2), 1, 60
-        args.variants = "prefix_cache:sdpa,shared_prefix:sdpa,packed:sdpa"
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = load_tokenizer(write_tiny_checkpoint(tmp))
     llm = dict(REAL_LLM)
@@ -243,13 +302,13 @@ def main() -> None:
     naive32 = [naive_step_scores(ck32, question, steps, tiles) for steps in responses]
     group32 = prm32.prepare(question, responses, image)
     parity: dict[str, float | str] = {}
-    for mode in ("packed", "prefix_cache", "shared_prefix"):
+    for variant in ["packed", "prefix_cache", *dict.fromkeys(variants)]:
         try:
-            scored32 = make_scorer(ck32, mode=mode).score([group32])[0]
+            scored32 = make_variant(ck32, variant, args.token_budget).score([group32])[0]
         except Exception as exc:  # reported, not fatal: the timings below still run
-            parity[mode] = f"{type(exc).__name__}: {exc}"[:300]
+            parity[variant] = f"{type(exc).__name__}: {exc}"[:300]
             continue
-        parity[mode] = max(float(np.abs(a - b).max()) for a, b in zip(scored32, naive32, strict=True))
+        parity[variant] = max(float(np.abs(a - b).max()) for a, b in zip(scored32, naive32, strict=True))
     diffs = [d for d in parity.values() if isinstance(d, float)]
     diff32 = max(diffs) if len(diffs) == len(parity) else None
     report["fp32_parity_max_diff"] = diff32
@@ -324,34 +383,31 @@ def main() -> None:
         }
     )
 
-    # --- the project's scorer per attention backend -----------------------------------------------
-    for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        mode, impl = variant.split(":")
-        impl, _, kernels = impl.partition("/")
-        timed_groups = prepared
-        if args.fresh_shapes:
-            seed = 1000 + len(results)
-            fresh = make_groups(
-                prm, tokenizer, groups=args.groups, candidates=args.candidates,
-                response_tokens=args.response_tokens, spread=args.response_spread, seed=seed,
-            )  # fmt: skip
-            timed_groups = [prm.prepare(q, r, img) for q, r, img in fresh]
+    # --- the project's scorer, every variant on the same inputs ------------------------------------
+    timed_groups = prepared
+    if args.fresh_shapes:
+        # One fresh draw for all variants: its shapes were never seen by a warm-up (which runs on
+        # the first groups above), and every variant meets the same ones, so they compare.
+        fresh = make_groups(
+            prm, tokenizer, groups=args.groups, candidates=args.candidates,
+            response_tokens=args.response_tokens, spread=args.response_spread, seed=1000,
+        )  # fmt: skip
+        timed_groups = [prm.prepare(q, r, img) for q, r, img in fresh]
+    timed_rollouts = sum(g.num_candidates for g in timed_groups)
+    timed_work = work_of(timed_groups, ck.model, ck.model.config)["flops_ours"]
+    for variant in variants:
         try:
-            set_attention(ck.model, impl)
-            scorer = make_scorer(
-                ck, token_budget=args.token_budget, mode=mode, sdpa_kernels=kernels or "default"
-            )
-            scorer.score(prepared[:2])  # warm-up (flex compiles here)
+            scorer = make_variant(ck, variant, args.token_budget)
+            scorer.score(prepared[:2])  # warm-up: compiles, allocator, kernel choice
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             sync(device)
             start = time.perf_counter()
-            scored = scorer.score(timed_groups)
+            scorer.score(timed_groups)
             sync(device)
             elapsed = time.perf_counter() - start
-            if args.fresh_shapes:
-                scored = scorer.score(prepared[: len(up_groups)])
-        except Exception as exc:  # a backend missing on this machine is reported, not fatal
+            scored = scorer.score(prepared[: len(up_groups)])
+        except Exception as exc:  # a variant failing on this machine is reported, not fatal
             results.append({"path": f"ours ({variant})", "error": f"{type(exc).__name__}: {exc}"[:300]})
             continue
         diff = max(
@@ -362,14 +418,26 @@ def main() -> None:
         results.append(
             {
                 "path": f"ours ({variant})",
-                "rollouts": rollouts,
+                "variant": variant,
+                "mode": scorer.mode,
+                "options": scorer.options.label(),
+                "rollouts": timed_rollouts,
                 "seconds": elapsed,
-                "rollouts_per_s": rollouts / elapsed,
-                "mfu": (work["flops_ours"] / elapsed / peak) if peak else None,
+                "rollouts_per_s": timed_rollouts / elapsed,
+                "mfu": (timed_work / elapsed / peak) if peak else None,
                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
                 "max_diff_vs_upstream": diff,
+                "fp32_parity": parity.get(variant),
             }
         )
+        del scorer
+    defaults = [r["rollouts_per_s"] for r in results if r.get("variant") == "default"]
+    upstream_rate = results[0]["rollouts_per_s"]
+    for r in results[1:]:
+        if "rollouts_per_s" in r:
+            r["vs_upstream"] = r["rollouts_per_s"] / upstream_rate
+            if defaults:
+                r["vs_default"] = r["rollouts_per_s"] / defaults[0]
     set_attention(ck.model, "sdpa")
     for budget in [int(b) for b in args.budgets.split(",") if b.strip()]:
         scorer = make_scorer(ck, token_budget=budget)  # the default mode
@@ -394,7 +462,10 @@ def main() -> None:
         from torch.profiler import ProfilerActivity, profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-        scorer = make_scorer(ck, token_budget=args.token_budget)
+        scorer = make_variant(ck, args.profile, args.token_budget)
+        scorer.score(prepared[:2])  # compiles and first touches stay out of the profile
+        sync(device)
+        print(f"profile of {args.profile} ({scorer.mode}, options: {scorer.options.label() or 'none'}):")
         with profile(activities=activities) as prof:
             scorer.score(prepared[:4])
             sync(device)
@@ -409,15 +480,21 @@ def main() -> None:
         f"work per group: ours {work['flops_ours'] / len(prepared) / 1e12:.1f} TFLOP, "
         f"upstream {work['flops_upstream'] / len(prepared) / 1e12:.1f} TFLOP"
     )
-    print(f"{'path':<34} {'rollouts/s':>10} {'MFU':>6} {'peak GiB':>9} {'max|diff|':>10}")
+    header = f"{'path':<50} {'rollouts/s':>10} {'vs default':>10} {'vs loop':>8} {'MFU':>5} {'GiB':>5}"
+    print(header + f" {'max|diff|':>9} {'fp32 diff':>9}")
     for r in results:
         if "error" in r:
-            print(f"{r['path']:<34} failed: {r['error']}")
+            print(f"{r['path']:<50} failed: {r['error']}")
             continue
         mfu = f"{100 * r['mfu']:.0f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        ratio = f"{r['vs_default']:.3f}" if "vs_default" in r else "-"
+        loop = f"{r['vs_upstream']:.2f}x" if "vs_upstream" in r else "-"
+        fp32 = r.get("fp32_parity")
+        fp32 = f"{fp32:.1e}" if isinstance(fp32, float) else "-" if fp32 is None else "FAILED"
         print(
-            f"{r['path']:<24} {r['rollouts_per_s']:>10.2f} {mfu:>6} {mem:>9} {r['max_diff_vs_upstream']:>10.2e}"
+            f"{r['path']:<50} {r['rollouts_per_s']:>10.2f} {ratio:>10} {loop:>8} {mfu:>5} {mem:>5}"
+            f" {r['max_diff_vs_upstream']:>9.2e} {fp32:>9}"
         )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))

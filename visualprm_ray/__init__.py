@@ -27,10 +27,12 @@ _EXPORTS = {
     "build_conversation": "visualprm_ray.model.prompt",
     "write_tiny_checkpoint": "visualprm_ray.model.tiny_checkpoint",
     "JobConfig": "visualprm_ray.job.config",
+    "KernelOptions": "visualprm_ray.model.scoring.options",
 }
 
 __all__ = [
     "JobConfig",
+    "KernelOptions",
     "ScoredResponse",
     "VisualPRM",
     "build_conversation",
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from visualprm_ray.job.config import JobConfig
     from visualprm_ray.model.prm import ScoredResponse, VisualPRM
     from visualprm_ray.model.prompt import build_conversation, split_steps
+    from visualprm_ray.model.scoring.options import KernelOptions
     from visualprm_ray.model.tiling import tile_image
     from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 

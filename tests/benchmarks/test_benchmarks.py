@@ -22,46 +22,43 @@ def test_help(script):
 
 
 @pytest.mark.slow
-def test_gpu_scorer_runs_tiny_on_cpu(tmp_path):
-    """The GPU benchmark's whole code path (8B-shaped builder, parity, timing) at tiny sizes."""
-    out = tmp_path / "gpu.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_scorer.py"), "--tiny", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
-    assert report["fp32_parity_max_diff"] < 1e-4
-    paths = {r["path"]: r for r in report["results"]}
-    assert {"upstream loop", "ours (prefix_cache:sdpa)", "ours (packed:sdpa)"} <= set(paths)
-    for r in paths.values():
-        assert "error" not in r, r
-        assert r["rollouts_per_s"] > 0
-    assert paths["ours (prefix_cache:sdpa)"]["max_diff_vs_upstream"] < 2e-2
-    assert paths["ours (shared_prefix:sdpa)"]["max_diff_vs_upstream"] < 2e-2
-
-
-@pytest.mark.slow
-def test_gpu_session_steps_are_runnable(tmp_path):
-    """The device session's prepared steps: the gpu tests exist, and each benchmark step's arguments
-    run through the whole script at tiny sizes on the CPU (--tiny appended)."""
+def test_gpu_session_runs_every_variant_tiny_on_cpu(tmp_path):
+    """The device session as it will run, at tiny sizes on the CPU (--tiny): every variant of the
+    GPU comparison scores, matches the naive forward in float32 and the upstream loop in bf16,
+    and the profile step runs; the gpu tests it starts with are collected."""
     import importlib.util
 
+    sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location("gpu_session", BENCHMARKS / "gpu_session.py")
     session = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(session)
     plan = dict(session.steps(tmp_path))
-    assert list(plan) == ["pytest", "gpu", "gpu-spread"]
+    assert list(plan) == ["pytest", "gpu", "gpu-spread", "profile"]
     collected = subprocess.run(
         [*plan["pytest"], "--collect-only"], capture_output=True, text=True, cwd=BENCHMARKS.parent
     )
     assert collected.returncode == 0, collected.stdout[-2000:]
-    assert "test_cuda_fast_path_matches_naive" in collected.stdout
-    for name in ("gpu", "gpu-spread"):
-        result = subprocess.run([*plan[name], "--tiny"], capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        report = json.loads((tmp_path / f"{name}.json").read_text())
-        assert report["fp32_parity_max_diff"] < 1e-4
-        assert all("error" not in r for r in report["results"]), report["results"]
+    for test in ("test_cuda_fast_paths_match_naive", "test_cuda_varlen_flash_at_real_shapes"):
+        assert test in collected.stdout
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_session.py"), "--tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    variants = [v for v in session.SESSION_VARIANTS.split(",")]
+    assert set(report["fp32_parity_by_mode"]) >= set(variants)
+    assert report["fp32_parity_max_diff"] < 1e-4
+    timed = [r for r in report["results"] if r["path"] != "upstream loop"]
+    assert [r.get("variant") for r in timed] == variants, timed
+    for r in timed:
+        assert "error" not in r, r
+        assert r["rollouts_per_s"] > 0 and r["max_diff_vs_upstream"] < 2e-2 and r["fp32_parity"] < 1e-4
+    assert {r["options"] for r in timed if r["variant"] == "shared_prefix+all"} == {
+        "attention=varlen,merge=compiled,leaf_ops=compiled,rotary=static,host_syncs=avoid"
+    }
+    spread = json.loads((tmp_path / "gpu-spread.json").read_text())
+    assert all("error" not in r for r in spread["results"]), spread["results"]
+    assert "profile of shared_prefix+all" in (tmp_path / "profile.log").read_text()

@@ -16,7 +16,7 @@ from visualprm_ray.errors import RowError
 from visualprm_ray.model.checkpoint import load_checkpoint
 from visualprm_ray.model.prm import VisualPRM
 from visualprm_ray.model.reference import naive_step_scores
-from visualprm_ray.model.scoring import make_scorer
+from visualprm_ray.model.scoring import KernelOptions, make_scorer
 from visualprm_ray.model.scoring.packed import plan_batches
 from visualprm_ray.model.tiny_checkpoint import write_tiny_checkpoint
 
@@ -56,6 +56,19 @@ RESPONSES = [
 
 
 MODES = ["packed", "prefix_cache", "shared_prefix"]
+
+# Every fast path of KernelOptions, alone and together, on the layouts that take it. The CUDA
+# test below runs the same list on the device.
+VARIANTS = [
+    ("shared_prefix", "attention=varlen"),
+    ("shared_prefix", "merge=compiled"),
+    ("shared_prefix", "leaf_ops=compiled"),
+    ("shared_prefix", "rotary=static"),
+    ("shared_prefix", "host_syncs=avoid"),
+    ("shared_prefix", "attention=varlen,merge=compiled,leaf_ops=compiled,rotary=static,host_syncs=avoid"),
+    ("prefix_cache", "leaf_ops=compiled,rotary=static,host_syncs=avoid"),
+    ("packed", "leaf_ops=compiled,rotary=static,host_syncs=avoid"),
+]
 
 
 def _naive(prm: VisualPRM, question, responses, images, max_steps=12):
@@ -97,6 +110,137 @@ def test_fast_path_matches_naive_multi_image_and_text_only(prm, mode):
     _assert_close(results, _naive(prm, question, RESPONSES[:3], images))
     results = prm.score("What is 7 * 6?", RESPONSES, None)
     _assert_close(results, _naive(prm, "What is 7 * 6?", RESPONSES, None))
+
+
+@pytest.mark.parametrize("mode,options", VARIANTS)
+def test_every_fast_path_matches_naive(prm, mode, options):
+    """Each option against the naive per-candidate forward: one image, two images, text only,
+    and a small budget that splits the group into several chunks."""
+    kernels = KernelOptions.parse(options)
+    fast = VisualPRM(prm.checkpoint, prefix_mode=mode, kernels=kernels)
+    assert fast.scorer.mode == mode and fast.scorer.options == kernels
+    image = _diagram(800, 600, 0)
+    _assert_close(fast.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image))
+    images = [_diagram(300, 900, 1), _diagram(500, 500, 2)]
+    _assert_close(fast.score(QUESTION, RESPONSES[:3], images), _naive(prm, QUESTION, RESPONSES[:3], images))
+    text = "What is 7 * 6?"
+    _assert_close(fast.score(text, RESPONSES, None), _naive(prm, text, RESPONSES, None))
+    small = VisualPRM(prm.checkpoint, prefix_mode=mode, kernels=kernels, token_budget=64)
+    _assert_close(small.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image))
+
+
+def test_varlen_attention_never_builds_the_padded_copy(prm, monkeypatch):
+    from visualprm_ray.model.scoring import attention
+    from visualprm_ray.model.scoring.shared_prefix import Packing
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the padded layout was built")
+
+    segments = []
+    real = attention.varlen_attention_with_lse
+
+    def recording(query, key, value, starts_q, starts_k, scale, causal, cumulative=None):
+        segments.append((list(starts_q), list(starts_k), causal))
+        return real(query, key, value, starts_q, starts_k, scale, causal, cumulative)
+
+    monkeypatch.setattr(Packing, "to_padded", refuse)
+    monkeypatch.setattr(attention, "varlen_attention_with_lse", recording)
+    fast = VisualPRM(prm.checkpoint, kernels=KernelOptions(attention="varlen"))
+    fast.score("What is 7 * 6?", RESPONSES, None)
+    group = fast.prepare("What is 7 * 6?", RESPONSES)
+    lengths = sorted({len(s) for s in group.suffixes if len(s)}, reverse=True)  # distinct, longest first
+    layers = prm.checkpoint.model.config.text_config.num_hidden_layers
+    assert len(segments) == 2 * layers
+    own = [s for s in segments if s[2]]
+    assert all(q == k == np.cumsum([0, *lengths]).tolist() for q, k, _ in own)
+    shared = [s for s in segments if not s[2]]
+    assert all(q == [0, sum(lengths)] and k == [0, len(group.prefix)] for q, k, _ in shared)
+
+
+def test_compiled_paths_are_used_and_the_model_is_left_as_it_was(prm, monkeypatch):
+    from visualprm_ray.model.scoring import attention, leaves
+
+    used = []
+    real = leaves.compiled
+
+    def spying(name):
+        fn = real(name)
+
+        def call(*args, **kwargs):
+            used.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(leaves, "compiled", spying)
+    merges = []
+    real_merge = attention.compiled_merge_pair()
+    monkeypatch.setattr(
+        attention, "compiled_merge_pair", lambda: lambda *a: merges.append(1) or real_merge(*a)
+    )
+    lm = prm.checkpoint.model.model.language_model
+    home = __import__(type(lm.layers[0].self_attn).__module__, fromlist=["x"])
+    rotation = home.apply_rotary_pos_emb
+    everything = KernelOptions(merge="compiled", leaf_ops="compiled", rotary="static")
+    VisualPRM(prm.checkpoint, kernels=everything).score("What is 7 * 6?", RESPONSES[:2], None)
+    layers = lm.config.num_hidden_layers
+    assert used.count("rms_norm") >= 2 * layers + 1 and used.count("silu_mul") >= layers
+    assert used.count("rotate") >= layers and merges
+    # Put back: no instance forward left on any module, the module's rotation restored.
+    assert home.apply_rotary_pos_emb is rotation
+    assert not [m for m in lm.modules() if "forward" in vars(m)]
+
+
+def test_static_rotary_skips_the_dynamic_check_and_refuses_a_long_context(prm, monkeypatch):
+    from dataclasses import replace
+
+    import torch
+
+    from visualprm_ray.model.checkpoint import LoadedCheckpoint
+
+    lm = prm.checkpoint.model.model.language_model
+    assert lm.rotary_emb.rope_type == "dynamic"  # VisualPRM-8B's, and the fixture's
+    reads = []
+    real_max = torch.max
+    monkeypatch.setattr(torch, "max", lambda *a, **k: reads.append(1) or real_max(*a, **k))
+    VisualPRM(prm.checkpoint, kernels=KernelOptions(rotary="static")).score("What is 7 * 6?", RESPONSES[:2])
+    assert reads == []
+    prm.score("What is 7 * 6?", RESPONSES[:2])
+    assert reads, "the dynamic check reads the largest position (the spy must see it)"
+    long = LoadedCheckpoint(
+        model=prm.checkpoint.model,
+        tokenizer=prm.checkpoint.tokenizer,
+        info=replace(prm.info, max_context=lm.rotary_emb.original_max_seq_len + 1),
+    )
+    with pytest.raises(ValueError, match="rotary='static' needs every position below"):
+        VisualPRM(long, kernels=KernelOptions(rotary="static"))
+
+
+def test_avoiding_host_syncs_skips_the_packed_sequence_check(prm, monkeypatch):
+    import transformers.masking_utils as masking
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("transformers looked for packed sequences")
+
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", refuse)
+    fast = VisualPRM(prm.checkpoint, prefix_mode="shared_prefix", kernels=KernelOptions(host_syncs="avoid"))
+    _assert_close(
+        fast.score("What is 7 * 6?", RESPONSES, None), _naive(prm, "What is 7 * 6?", RESPONSES, None)
+    )
+    with pytest.raises(AssertionError, match="looked for packed sequences"):
+        VisualPRM(prm.checkpoint, prefix_mode="shared_prefix").score("What is 7 * 6?", RESPONSES[:2])
+
+
+def test_shared_prefix_options_pick_that_layout_or_are_refused(prm):
+    varlen = KernelOptions(attention="varlen")
+    assert make_scorer(prm.checkpoint, mode="auto", options=varlen).mode == "shared_prefix"
+    with pytest.raises(ValueError, match="shared_prefix' only"):
+        make_scorer(prm.checkpoint, mode="prefix_cache", options=KernelOptions(merge="compiled"))
+    # The model-wide options go with any layout.
+    assert (
+        make_scorer(prm.checkpoint, mode="packed", options=KernelOptions(leaf_ops="compiled")).mode
+        == "packed"
+    )
 
 
 def test_shared_prefix_mode_runs_its_own_attention_and_leaves_the_model_as_it_was(prm, monkeypatch):
@@ -368,6 +512,19 @@ def test_cuda_fast_path_matches_naive(ckpt_dir, cuda_device, mode, dtype, tol, b
     _assert_close(prm.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image), tol)
     text_only = "What is 7 * 6?"
     _assert_close(prm.score(text_only, RESPONSES, None), _naive(prm, text_only, RESPONSES, None), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [("float32", TOL), ("bfloat16", 2e-2)])
+@pytest.mark.parametrize("mode,options", VARIANTS)
+def test_cuda_fast_paths_match_naive(ckpt_dir, cuda_device, mode, options, dtype, tol):
+    prm = VisualPRM.from_pretrained(
+        ckpt_dir, device=cuda_device, dtype=dtype, prefix_mode=mode, kernels=KernelOptions.parse(options)
+    )
+    image = _diagram(800, 600, 0)
+    _assert_close(prm.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image), tol)
+    small = VisualPRM(prm.checkpoint, prefix_mode=mode, kernels=prm.scorer.options, token_budget=64)
+    _assert_close(small.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image), tol)
 
 
 @pytest.mark.gpu

@@ -181,6 +181,35 @@ class ModelConfig(BaseModel):
     )
 
 
+class KernelsConfig(BaseModel):
+    """The scorer's optional fast paths (visualprm_ray.model.scoring.options): how the scores are
+    computed, never which; each is tested against the naive forward, and each is off by default
+    until a GPU run has measured it (docs/PERFORMANCE.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attention: Literal["padded", "varlen"] = Field(
+        "padded",
+        description="prefix_mode shared_prefix only: 'varlen' runs both attention parts through variable-length flash attention on the packed row (no padded copies, grouped key/value heads not repeated); 'padded' builds a right-padded copy for the candidates' own attention.",
+    )
+    merge: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="prefix_mode shared_prefix only: 'compiled' merges the two attention parts by their log-sum-exps in one compiled kernel (torch.compile; the first batch pays the compile); 'eager' uses plain torch ops.",
+    )
+    leaf_ops: Literal["eager", "compiled"] = Field(
+        "eager",
+        description="'compiled' runs the language model's RMSNorm, rotary rotation and SwiGLU product as compiled functions (torch.compile, dynamic shapes); 'eager' leaves the model's own.",
+    )
+    rotary: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="'static' skips transformers' dynamic rotary-scaling check (a device read-back per forward); refused when the context can reach the scaling threshold (32,768 positions for VisualPRM-8B).",
+    )
+    host_syncs: Literal["default", "avoid"] = Field(
+        "default",
+        description="'avoid' copies index tensors to the GPU from pinned memory without waiting, counts image tokens on the host and skips transformers' packed-sequence check; 'default' does neither.",
+    )
+
+
 class ScoringConfig(BaseModel):
     """How conversations are built and batched for the reward model."""
 
@@ -215,6 +244,10 @@ class ScoringConfig(BaseModel):
         ge=0.0,
         le=1.0,
         description="Probability above which a step counts as correct; recorded in the output for downstream use.",
+    )
+    kernels: KernelsConfig = Field(
+        default_factory=KernelsConfig,
+        description="Optional fast paths of the scorer (same scores, other kernels); all off by default.",
     )
 
 

@@ -18,7 +18,13 @@ import numpy as np
 
 from visualprm_ray.errors import RowError
 from visualprm_ray.model.group import ContextPolicy, PreparedGroup, candidate_steps, prepare_group
-from visualprm_ray.model.scoring import DEFAULT_TOKEN_BUDGET, DEFAULT_VISION_BATCH, PrefixMode, make_scorer
+from visualprm_ray.model.scoring import (
+    DEFAULT_TOKEN_BUDGET,
+    DEFAULT_VISION_BATCH,
+    KernelOptions,
+    PrefixMode,
+    make_scorer,
+)
 
 if TYPE_CHECKING:
     from visualprm_ray.model.checkpoint import LoadedCheckpoint
@@ -57,14 +63,21 @@ class VisualPRM:
         max_pixels: int | None = None,
         system_message: str | None = None,
         context_policy: ContextPolicy = "error",
+        kernels: KernelOptions | None = None,
     ) -> None:
+        """``kernels``: the optional fast paths (:class:`~visualprm_ray.model.scoring.KernelOptions`),
+        all off by default; they change how the scores are computed, not the scores."""
         from visualprm_ray.model.images import DEFAULT_MAX_PIXELS
 
         self.checkpoint = checkpoint
         self.info = checkpoint.info
         self.tokenizer = checkpoint.tokenizer
         self.scorer = make_scorer(
-            checkpoint, token_budget=token_budget, vision_batch=vision_batch, mode=prefix_mode
+            checkpoint,
+            token_budget=token_budget,
+            vision_batch=vision_batch,
+            mode=prefix_mode,
+            options=kernels,
         )
         self.max_tiles = max_tiles or self.info.max_tiles
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels

@@ -104,3 +104,25 @@ def test_a_cpu_replica_runs_the_threads_the_driver_gave_it(setup):
     )
     assert stage._torch_thread.submit(torch.get_num_threads).result() == 3
     torch.set_num_threads(before)
+
+
+def test_the_configs_kernel_options_reach_the_scorer_with_the_same_scores(setup):
+    config, model, prepared = setup
+    fast = config.model_copy(
+        update={
+            "scoring": config.scoring.model_copy(
+                update={"kernels": config.scoring.kernels.model_copy(update={"attention": "varlen"})}
+            )
+        }
+    )
+    stage = ScoreStage(fast, model, "cpu")
+    assert stage.scorer.options.attention == "varlen" and stage.scorer.mode == "shared_prefix"
+    plain = ScoreStage(config, model, "cpu")
+    assert plain.scorer.options.attention == "padded"
+    for a, b in zip(
+        stage(prepared)[col.STEP_SCORES].to_pylist(),
+        plain(prepared)[col.STEP_SCORES].to_pylist(),
+        strict=True,
+    ):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-6)

@@ -25,37 +25,69 @@ def test_packing_round_trip_and_zero_padding():
     assert torch.equal(packing.to_packed(padded), x)
 
 
-def test_shared_prefix_attention_equals_sdpa_over_a_copied_prefix():
-    """The fast function vs what prefix_cache mode computes for each candidate: the prefix
-    copied in front of the candidate's own keys, causal within them."""
+def _against_a_copied_prefix(
+    *, device, dtype, heads, kv_heads, prefix, dim, lengths, attention, merge, scale, tol, spread=1.0
+):
+    """The fast function vs what prefix_cache mode computes for each candidate: the prefix copied
+    in front of the candidate's own keys, causal within them, in float32 from the same inputs."""
     g = torch.Generator().manual_seed(2)
-    heads, kv_heads, prefix, dim = 8, 2, 11, 16
-    lengths = [6, 4, 1, 6]
     tokens = sum(lengths)
-    q = torch.randn(1, heads, tokens, dim, generator=g)
-    k = torch.randn(1, kv_heads, tokens, dim, generator=g)
-    v = torch.randn(1, kv_heads, tokens, dim, generator=g)
-    pk = torch.randn(1, kv_heads, prefix, dim, generator=g)
-    pv = torch.randn(1, kv_heads, prefix, dim, generator=g)
-    module = types.SimpleNamespace(layer_idx=1)
-    packing = shared_prefix.Packing.of(lengths, "cpu")
-    out, weights = shared_prefix.shared_prefix_attention(
-        module, q, k, v, None, scaling=0.2, visualprm_prefix=[None, (pk, pv)], visualprm_packing=packing
-    )
-    assert weights is None and out.shape == (1, tokens, heads, dim)
 
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    # Queries scaled up so the attention is peaked, not a flat average near zero: a wrong
+    # weighting of the two parts then shows as a large error.
+    q = draw(1, heads, tokens, dim, scale=spread)
+    k, v = draw(1, kv_heads, tokens, dim), draw(1, kv_heads, tokens, dim)
+    pk, pv = draw(1, kv_heads, prefix, dim), draw(1, kv_heads, prefix, dim)
+    module = types.SimpleNamespace(layer_idx=1)
+    packing = shared_prefix.Packing.of(lengths, device, prefix=prefix, attention=attention, merge=merge)
+    out, weights = shared_prefix.shared_prefix_attention(
+        module, q, k, v, None, scaling=scale, visualprm_prefix=[None, (pk, pv)], visualprm_packing=packing
+    )
+    assert weights is None and out.shape == (1, tokens, heads, dim) and out.dtype == dtype
+    worst = 0.0
     start = 0
     for n in lengths:  # each candidate alone, the obvious way
         own = slice(start, start + n)
-        keys = torch.cat([pk, k[:, :, own]], 2).repeat_interleave(4, dim=1)
-        values = torch.cat([pv, v[:, :, own]], 2).repeat_interleave(4, dim=1)
-        pos = torch.arange(n)
-        mask = torch.cat([torch.ones(n, prefix, dtype=torch.bool), pos.view(n, 1) >= pos.view(1, n)], 1)
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, own], keys, values, attn_mask=mask, scale=0.2
+        keys = torch.cat([pk, k[:, :, own]], 2).repeat_interleave(heads // kv_heads, dim=1).float()
+        values = torch.cat([pv, v[:, :, own]], 2).repeat_interleave(heads // kv_heads, dim=1).float()
+        pos = torch.arange(n, device=device)
+        mask = torch.cat(
+            [torch.ones(n, prefix, dtype=torch.bool, device=device), pos.view(n, 1) >= pos.view(1, n)], 1
         )
-        assert (out[0, own] - expected[0].transpose(0, 1)).abs().max() < 1e-5
+        scores = (q[:, :, own].float() @ keys.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        expected = torch.softmax(scores, dim=-1) @ values
+        error = (out[0, own].float() - expected[0].transpose(0, 1)).abs().max() / expected.abs().max()
+        worst = max(worst, float(error))
         start += n
+    assert worst < tol, f"relative error {worst:.2e}"
+
+
+@pytest.mark.parametrize("merge", ["eager", "compiled"])
+@pytest.mark.parametrize("attention", ["padded", "varlen"])
+def test_shared_prefix_attention_equals_attention_over_a_copied_prefix(attention, merge):
+    _against_a_copied_prefix(
+        device="cpu", dtype=torch.float32, heads=8, kv_heads=2, prefix=11, dim=16, lengths=[6, 4, 1, 6],
+        attention=attention, merge=merge, scale=0.2, tol=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("merge", ["eager", "compiled"])
+@pytest.mark.parametrize("attention", ["padded", "varlen"])
+def test_cuda_shared_prefix_attention_at_real_shapes(attention, merge):
+    """bf16 on the device (flash, variable-length flash, the compiled merge) against float32 at
+    VisualPRM-8B's shapes: 32 query heads over 8 key/value heads of 128, a ~3.5k-token prefix,
+    8 candidates of ~400 tokens of different lengths."""
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need a CUDA device")
+    _against_a_copied_prefix(
+        device="cuda", dtype=torch.bfloat16, heads=32, kv_heads=8, prefix=3551, dim=128,
+        lengths=[416, 380, 455, 401, 290, 512, 433, 1], attention=attention, merge=merge,
+        scale=128**-0.5, tol=2e-2, spread=3.0,
+    )  # fmt: skip
 
 
 def test_shared_prefix_attention_refuses_a_row_its_packing_does_not_describe():

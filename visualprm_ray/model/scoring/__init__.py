@@ -16,7 +16,10 @@ Three layouts do that, one file each, behind one interface (:class:`.base.Layout
   attending to a single copy of its K/V (attention in two parts merged exactly, :mod:`.attention`).
 
 :mod:`.base` holds what they share (vision windows, image embedding, score-row gathering, budget
-chunks); :func:`make_scorer` picks one.
+chunks); :func:`make_scorer` picks one. :mod:`.options` lists the optional fast paths (variable-
+length flash, a compiled merge, compiled leaf functions, a static rotary table, fewer host syncs),
+each off by default, each tested against the naive forward; :mod:`.leaves` swaps in the ones that
+act on the model itself.
 """
 
 from __future__ import annotations
@@ -24,11 +27,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from visualprm_ray.model.scoring.base import DEFAULT_TOKEN_BUDGET, DEFAULT_VISION_BATCH, LayoutScorer
+from visualprm_ray.model.scoring.options import KernelOptions
 
 if TYPE_CHECKING:
     from visualprm_ray.model.checkpoint import LoadedCheckpoint
 
-__all__ = ["DEFAULT_TOKEN_BUDGET", "DEFAULT_VISION_BATCH", "LayoutScorer", "PrefixMode", "make_scorer"]
+__all__ = [
+    "DEFAULT_TOKEN_BUDGET",
+    "DEFAULT_VISION_BATCH",
+    "KernelOptions",
+    "LayoutScorer",
+    "PrefixMode",
+    "make_scorer",
+]
 
 # packed: one row per group, tree mask (any attention backend, groups batched together);
 # prefix_cache: prefix forward once, candidates against its K/V (attention never spans candidates).
@@ -44,8 +55,15 @@ def make_scorer(
     vision_batch: int = DEFAULT_VISION_BATCH,
     mode: PrefixMode = "auto",
     sdpa_kernels: Literal["default", "no_cudnn"] = "no_cudnn",
+    options: KernelOptions | None = None,
 ) -> LayoutScorer:
-    """The scorer of layout ``mode`` for one loaded checkpoint on its device."""
+    """The scorer of layout ``mode`` for one loaded checkpoint on its device, computing with
+    ``options`` (:mod:`.options`: every fast path off unless asked for)."""
+    options = options or KernelOptions()
+    if options.needs_shared_prefix:
+        if mode not in ("auto", "shared_prefix"):
+            raise ValueError(f"{options.label()} applies to prefix_mode 'shared_prefix' only, not {mode!r}")
+        mode = "shared_prefix"
     if mode == "auto":
         attn = checkpoint.model.config._attn_implementation
         device_type = next(checkpoint.model.parameters()).device.type
@@ -68,4 +86,10 @@ def make_scorer(
         from visualprm_ray.model.scoring.shared_prefix import SharedPrefixScorer as cls
     else:
         raise ValueError(f"unknown prefix mode {mode!r}")
-    return cls(checkpoint, token_budget=token_budget, vision_batch=vision_batch, sdpa_kernels=sdpa_kernels)
+    return cls(
+        checkpoint,
+        token_budget=token_budget,
+        vision_batch=vision_batch,
+        sdpa_kernels=sdpa_kernels,
+        options=options,
+    )

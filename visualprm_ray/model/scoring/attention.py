@@ -10,6 +10,9 @@ PyTorch's own flash / memory-efficient / CPU flash ops; anywhere else the plain 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import cache
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -71,3 +74,91 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) ->
     total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
     out = sum(o.float() * torch.exp(lse - total).unsqueeze(-1) for o, lse in parts)
     return out.to(dtype)
+
+
+def merge_pair(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """The merge of two parts in the packed layout: outputs ``[tokens, H, D]``, LSEs ``[H, tokens]``.
+
+    Float32 inside, the outputs' dtype out, written as ``[tokens, H, D]``: the layout the output
+    projection reads (``[1, tokens, H * D]`` without a copy). :func:`compiled_merge_pair` is the
+    same function as one fused kernel.
+    """
+    import torch
+
+    total = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - total).transpose(0, 1).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - total).transpose(0, 1).unsqueeze(-1)
+    merged = out_a.float() * weight_a + out_b.float() * weight_b
+    # Elementwise results follow their inputs' strides (transposed views here): the dtype
+    # conversion writes them out row-major, in the same pass.
+    return torch.empty(merged.shape, dtype=out_a.dtype, device=merged.device).copy_(merged)
+
+
+@cache
+def compiled_merge_pair() -> Callable[..., torch.Tensor]:
+    """:func:`merge_pair` compiled once per process for any number of tokens (``dynamic=True``)."""
+    import torch
+
+    return torch.compile(merge_pair, dynamic=True)
+
+
+def varlen_attention_with_lse(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    starts_q: Sequence[int],
+    starts_k: Sequence[int],
+    scale: float,
+    causal: bool,
+    cumulative: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of packed sequences: segment i's queries ``query[starts_q[i]:starts_q[i + 1]]``
+    attend to its keys ``key[starts_k[i]:starts_k[i + 1]]`` only (causally: top-left aligned).
+
+    ``query`` is ``[tokens, H, D]``, ``key``/``value`` ``[keys, H_kv, D]`` with ``H`` a multiple of
+    ``H_kv`` (grouped-query heads, never repeated here). Returns ``[tokens, H, D]`` and the float32
+    LSE ``[H, tokens]``. On CUDA in half precision it is one variable-length flash call
+    (``cumulative``: the two offset lists as int32 tensors on the device, built once per chunk
+    rather than once per layer); elsewhere each segment goes through :func:`attention_with_lse`,
+    which is the reference layout the flash call is tested against.
+    """
+    import torch
+
+    tokens = query.shape[0]
+    if (
+        query.device.type == "cuda"
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and query.shape[-1] <= 256
+    ):
+        if cumulative is None:
+            cumulative = tuple(
+                torch.tensor(list(s), dtype=torch.int32, device=query.device) for s in (starts_q, starts_k)
+            )
+        max_q = max(b - a for a, b in pairwise(starts_q))
+        max_k = max(b - a for a, b in pairwise(starts_k))
+        # Row and head strides are the kernel's to read; only the last dimension must be dense.
+        query, key, value = (x if x.stride(-1) == 1 else x.contiguous() for x in (query, key, value))
+        out, lse = torch.ops.aten._flash_attention_forward(
+            query, key, value, cumulative[0], cumulative[1], max_q, max_k, 0.0, causal, False, scale=scale
+        )[:2]
+        if tuple(lse.shape) != (query.shape[1], tokens):
+            raise AssertionError(
+                f"variable-length flash LSE of shape {tuple(lse.shape)}, not [heads, tokens]"
+            )
+        return out, lse
+    outs, lses = [], []
+    if len(starts_q) != len(starts_k):
+        raise ValueError("as many query segments as key segments")
+    for (qa, qb), (ka, kb) in zip(pairwise(starts_q), pairwise(starts_k), strict=True):
+        out, lse = attention_with_lse(
+            query[qa:qb].transpose(0, 1).unsqueeze(0),
+            key[ka:kb].transpose(0, 1).unsqueeze(0),
+            value[ka:kb].transpose(0, 1).unsqueeze(0),
+            scale,
+            causal,
+        )
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from visualprm_ray.model.group import PreparedGroup
+from visualprm_ray.model.scoring.options import KernelOptions
 
 if TYPE_CHECKING:
     import torch
@@ -87,13 +88,17 @@ class LayoutScorer:
         token_budget: int = DEFAULT_TOKEN_BUDGET,
         vision_batch: int = DEFAULT_VISION_BATCH,
         sdpa_kernels: Literal["default", "no_cudnn"] = "no_cudnn",
+        options: KernelOptions | None = None,
     ) -> None:
         import inspect
 
         import torch
 
+        from visualprm_ray.model.scoring import leaves
+
         self.model = checkpoint.model
         self.sdpa_kernels = sdpa_kernels
+        self.options = options or KernelOptions()
         self.tokenizer = checkpoint.tokenizer
         self.info = checkpoint.info
         self.token_budget = token_budget
@@ -110,15 +115,42 @@ class LayoutScorer:
         # transformers renamed the forward's cache argument (past_key_values -> cache) within 5.x.
         params = inspect.signature(self._language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._rotary_limit = None
+        if self.options.rotary == "static":
+            leaves.check_static_rotary(self._language_model, self.info.max_context)
+            self._rotary_limit = leaves.static_rotary_limit(self._language_model)
 
     def score(self, groups: Sequence[PreparedGroup]) -> Scores:
         """Step scores per group, per candidate (None for candidates with an error)."""
         import torch
 
+        from visualprm_ray.model.scoring import leaves
+
         results: Scores = [[None] * g.num_candidates for g in groups]
-        with torch.inference_mode(), self._attention_kernels():
+        with (
+            torch.inference_mode(),
+            self._attention_kernels(),
+            leaves.patched(self._language_model, self.options),
+        ):
             self._score_into(groups, results)
         return copy_duplicates(groups, results)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the model's device. With ``host_syncs="avoid"`` on CUDA, through pinned
+        memory without waiting: a plain copy from pageable memory waits for the device's queue."""
+        import torch
+
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.options.host_syncs == "avoid" and self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _check_positions(self, largest: int) -> None:
+        """With ``rotary="static"``, every forward's positions stay below the scaling threshold."""
+        if self._rotary_limit is not None and largest >= self._rotary_limit:
+            raise AssertionError(
+                f"position {largest} reached the dynamic rotary threshold {self._rotary_limit} with rotary='static'"
+            )
 
     def _score_into(self, groups: Sequence[PreparedGroup], results: Scores) -> None:
         """Fill ``results[g][k]`` for the first copy of every distinct scorable suffix."""
@@ -195,14 +227,20 @@ class LayoutScorer:
 
     # -- language model -------------------------------------------------------------------------
 
-    def _embed_with_images(self, ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        embeds = self._embed(ids)
-        image_mask = ids == self.info.image_token_id
-        count = int(image_mask.sum())
-        if count != (0 if features is None else features.shape[0]):
-            raise AssertionError(
-                f"{count} image tokens for {0 if features is None else features.shape[0]} features"
-            )
+    def _embed_with_images(self, ids: np.ndarray, features: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings of host token ids ``[rows, length]``, image features at the image tokens."""
+        expected = 0 if features is None else features.shape[0]
+        if self.options.host_syncs == "avoid":
+            count = int(np.count_nonzero(ids == self.info.image_token_id))  # on the host: no read-back
+            ids_on_device = self._to_device(ids)
+            image_mask = ids_on_device == self.info.image_token_id
+        else:
+            ids_on_device = self._to_device(ids)
+            image_mask = ids_on_device == self.info.image_token_id
+            count = int(image_mask.sum())
+        if count != expected:
+            raise AssertionError(f"{count} image tokens for {expected} features")
+        embeds = self._embed(ids_on_device)
         if count:
             embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
         return embeds
@@ -249,10 +287,10 @@ class PrefixFirstScorer(LayoutScorer):
         if not candidates:
             return {}
         p = len(group.prefix)
-        ids = torch.from_numpy(group.prefix).to(self.device).unsqueeze(0)
+        self._check_positions(p + max(len(group.suffixes[k]) for k in candidates) - 1)
         cache = DynamicCache()
         out = self._language_model(
-            inputs_embeds=self._embed_with_images(ids, features),
+            inputs_embeds=self._embed_with_images(group.prefix[None, :], features),
             position_ids=torch.arange(p, device=self.device).unsqueeze(0),
             use_cache=True,
             **{self._cache_kwarg: cache},
@@ -271,7 +309,9 @@ class PrefixFirstScorer(LayoutScorer):
             if max(lengths):
                 suffix_hidden, starts = self._chunk_forward(group, chunk, lengths, p, prefix_kv)
             positions = [group.positions[k] for k in chunk]
-            probs = self._p_plus(score_rows(prefix_hidden, suffix_hidden, positions, starts, p))
+            probs = self._p_plus(
+                score_rows(prefix_hidden, suffix_hidden, positions, starts, p, self._to_device)
+            )
             for k, part in zip(
                 chunk, np.split(probs, np.cumsum([len(x) for x in positions])[:-1]), strict=True
             ):
@@ -311,6 +351,7 @@ def score_rows(
     positions: list[np.ndarray],
     starts: np.ndarray,
     p: int,
+    to_device=None,
 ) -> torch.Tensor:
     """Hidden states at every score position of a chunk's candidates, in order.
 
@@ -326,7 +367,8 @@ def score_rows(
     device = prefix_hidden.device
 
     def index(values: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(device)
+        values = np.ascontiguousarray(values, dtype=np.int64)
+        return to_device(values) if to_device else torch.from_numpy(values).to(device)
 
     rows = np.nonzero(in_prefix)[0]
     out[index(rows)] = prefix_hidden[index(pos[rows])]

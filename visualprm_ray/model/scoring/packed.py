@@ -157,20 +157,21 @@ class PackedScorer(LayoutScorer):
                 gather_rows.append(np.full(len(full), r))
                 splits.append(len(full))
                 offset += n
-        ids, pos, seg = ids.to(self.device), pos.to(self.device), seg.to(self.device)
+        self._check_positions(int(pos.max()))
+        pos, seg = self._to_device(pos.numpy()), self._to_device(seg.numpy())
 
         # Rows are filled in unit order, so the units' features concatenated line up with the rows'
         # image tokens in row-major order.
         row_features = [features[u.group] for u in batch.units if u.group in features]
-        embeds = self._embed_with_images(ids, torch.cat(row_features) if row_features else None)
+        embeds = self._embed_with_images(ids.numpy(), torch.cat(row_features) if row_features else None)
 
         mask = tree_attention_mask(seg, self.model.config._attn_implementation, embeds.dtype)
         hidden = self._language_model(
             inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
         ).last_hidden_state
 
-        r_idx = torch.from_numpy(np.concatenate(gather_rows)).to(self.device)
-        c_idx = torch.from_numpy(np.concatenate(gather_cols)).to(self.device)
+        r_idx = self._to_device(np.concatenate(gather_rows))
+        c_idx = self._to_device(np.concatenate(gather_cols))
         probs = self._p_plus(hidden[r_idx, c_idx])
         per_candidate = np.split(probs, np.cumsum(splits)[:-1])
         out, start = [], 0

@@ -32,13 +32,13 @@ class PrefixCacheScorer(PrefixFirstScorer):
         from transformers import DynamicCache
 
         n, width = len(chunk), max(lengths)
-        sfx = torch.zeros(n, width, dtype=torch.long)
+        self._check_positions(p + width - 1)
+        sfx = np.zeros((n, width), dtype=np.int64)
         for j, k in enumerate(chunk):
-            sfx[j, : lengths[j]] = torch.from_numpy(group.suffixes[k])
-        sfx = sfx.to(self.device)
+            sfx[j, : lengths[j]] = group.suffixes[k]
         embeds = self._embed_with_images(sfx, None)
         q = torch.arange(width, device=self.device)
-        lens = torch.tensor(lengths, device=self.device)
+        lens = self._to_device(np.asarray(lengths, dtype=np.int64))
         # [n, 1, query, prefix + key]: the whole prefix, then causal within the own suffix.
         own = (q.view(1, width, 1) >= q.view(1, 1, width)) & (q.view(1, 1, width) < lens.view(n, 1, 1))
         mask = torch.cat([torch.ones(n, width, p, dtype=torch.bool, device=self.device), own], dim=2)

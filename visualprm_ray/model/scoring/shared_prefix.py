@@ -30,6 +30,7 @@ import numpy as np
 from visualprm_ray.model.group import PreparedGroup
 from visualprm_ray.model.scoring import attention
 from visualprm_ray.model.scoring.base import PrefixFirstScorer
+from visualprm_ray.model.scoring.options import Attention, Merge
 
 if TYPE_CHECKING:
     import torch
@@ -39,28 +40,57 @@ NAME = "visualprm_shared_prefix"
 
 @dataclass(frozen=True, eq=False)
 class Packing:
-    """Where a chunk's candidates sit in its one packed row.
+    """Where a chunk's candidates sit in its one packed row, and how their attention is computed.
 
     Candidate ``j`` holds ``lengths[j]`` consecutive tokens of the row, in order. ``index`` maps each
     token of the row to its slot ``j * width + i`` in the padded ``[candidates, width]`` layout the
-    causal kernel runs on (``width`` = the longest candidate).
+    causal kernel runs on (``width`` = the longest candidate). With ``attention="varlen"`` the
+    padded layout is never built: ``cumulative`` holds the candidates' offsets and the prefix's
+    (``[0, tokens]`` against ``[0, prefix]``) as int32 device tensors, copied once per chunk
+    rather than once per layer.
     """
 
     lengths: tuple[int, ...]
     width: int
-    index: torch.Tensor  # [tokens] int64, on the model's device
+    index: torch.Tensor | None  # [tokens] int64, on the model's device (padded attention only)
+    prefix: int = 0
+    attention: Attention = "padded"
+    merge: Merge = "eager"
+    # varlen only: the candidates' offsets, then [0, tokens] and [0, prefix] for the prefix part.
+    cumulative: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def of(cls, lengths: list[int], device: torch.device | str) -> Packing:
+    def of(
+        cls,
+        lengths: list[int],
+        device: torch.device | str,
+        *,
+        prefix: int = 0,
+        attention: Attention = "padded",
+        merge: Merge = "eager",
+        to_device=None,
+    ) -> Packing:
         import torch
 
+        move = to_device or (lambda array: torch.from_numpy(array).to(device))
         width = max(lengths)
+        if attention == "varlen":
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            # One host-to-device copy for the three offset lists.
+            both = move(np.concatenate([offsets, np.array([0, offsets[-1], 0, prefix], dtype=np.int32)]))
+            n = len(offsets)
+            cumulative = (both[:n], both[n : n + 2], both[n + 2 :])
+            return cls(tuple(lengths), width, None, prefix, attention, merge, cumulative)
         slots = np.concatenate([j * width + np.arange(n) for j, n in enumerate(lengths)])
-        return cls(tuple(lengths), width, torch.from_numpy(slots).to(device))
+        return cls(tuple(lengths), width, move(slots), prefix, attention, merge)
 
     @property
     def tokens(self) -> int:
         return sum(self.lengths)
+
+    def offsets(self) -> list[int]:
+        """Where each candidate starts in the row, and the row's end."""
+        return [0, *np.cumsum(self.lengths).tolist()]
 
     def to_padded(self, x: torch.Tensor) -> torch.Tensor:
         """``[1, heads, tokens, D]`` (packed) to ``[candidates, heads, width, D]``, zeros after each end."""
@@ -106,15 +136,40 @@ def shared_prefix_attention(
     dim = query.shape[-1]
     scale = scaling if scaling is not None else dim**-0.5
     prefix_key, prefix_value = prefix[module.layer_idx]  # [1, kv heads, prefix, D]
-    # Every token of the row against the single prefix copy: no mask, one call.
-    shared = attention.attention_with_lse(query, prefix_key, prefix_value, scale, causal=False)
-    own_out, own_lse = attention.attention_with_lse(
-        packing.to_padded(query), packing.to_padded(key), packing.to_padded(value), scale, causal=True
-    )
-    # Right padding is never seen by a real query (causal), and padded queries are dropped here.
-    own = (packing.to_packed(own_out), packing.to_packed(own_lse.unsqueeze(-1)).squeeze(-1))
-    out = attention.merge([shared, own], query.dtype)
-    return out.transpose(1, 2).contiguous(), None
+    if packing.attention == "varlen":
+        # [tokens, heads, D] views of the row: no copies, no padding, grouped heads as they are.
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+        pk, pv = prefix_key[0].transpose(0, 1), prefix_value[0].transpose(0, 1)
+        own_cu, prefix_q_cu, prefix_k_cu = packing.cumulative or (None, None, None)
+        shared = attention.varlen_attention_with_lse(
+            q, pk, pv, [0, packing.tokens], [0, pk.shape[0]], scale, causal=False,
+            cumulative=None if prefix_q_cu is None else (prefix_q_cu, prefix_k_cu),
+        )  # fmt: skip
+        starts = packing.offsets()
+        own = attention.varlen_attention_with_lse(
+            q,
+            k,
+            v,
+            starts,
+            starts,
+            scale,
+            causal=True,
+            cumulative=None if own_cu is None else (own_cu, own_cu),
+        )
+    else:
+        # Every token of the row against the single prefix copy: no mask, one call.
+        out, lse = attention.attention_with_lse(query, prefix_key, prefix_value, scale, causal=False)
+        shared = (out[0].transpose(0, 1), lse[0])
+        own_out, own_lse = attention.attention_with_lse(
+            packing.to_padded(query), packing.to_padded(key), packing.to_padded(value), scale, causal=True
+        )
+        # Right padding is never seen by a real query (causal), and padded queries are dropped here.
+        own = (
+            packing.to_packed(own_out)[0].transpose(0, 1),
+            packing.to_packed(own_lse.unsqueeze(-1))[0, ..., 0],
+        )
+    merge = attention.compiled_merge_pair() if packing.merge == "compiled" else attention.merge_pair
+    return merge(*shared, *own).unsqueeze(0), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -152,19 +207,35 @@ class SharedPrefixScorer(PrefixFirstScorer):
         """
         import torch
 
-        ids = torch.from_numpy(np.concatenate([group.suffixes[k] for k in chunk])).to(self.device)
+        ids = np.concatenate([group.suffixes[k] for k in chunk])
+        self._check_positions(p + max(lengths) - 1)
         # Each candidate's positions continue from the prefix, as in its own full sequence.
-        positions = torch.from_numpy(np.concatenate([np.arange(p, p + n) for n in lengths])).to(self.device)
+        positions = self._to_device(np.concatenate([np.arange(p, p + n) for n in lengths]))
+        packing = Packing.of(
+            lengths,
+            self.device,
+            prefix=p,
+            attention=self.options.attention,
+            merge=self.options.merge,
+            to_device=self._to_device,
+        )
+        # The attention above ignores the mask. Given none, transformers looks for packed
+        # sequences in the position ids and reads the answer back from the device; a 4-D
+        # placeholder is taken as an already prepared mask and passed through untouched.
+        mask = None
+        if self.options.host_syncs == "avoid":
+            mask = torch.empty(1, 1, 0, 0, dtype=torch.bool, device=self.device)
         config = self._language_model.config
         before = config._attn_implementation
         config._attn_implementation = NAME
         try:
             hidden = self._language_model(
-                inputs_embeds=self._embed_with_images(ids.unsqueeze(0), None),
+                inputs_embeds=self._embed_with_images(ids[None, :], None),
+                attention_mask=mask,
                 position_ids=positions.unsqueeze(0),
                 use_cache=False,
                 visualprm_prefix=prefix_kv,
-                visualprm_packing=Packing.of(lengths, self.device),
+                visualprm_packing=packing,
             ).last_hidden_state[0]
         finally:
             config._attn_implementation = before
