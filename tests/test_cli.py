@@ -76,3 +76,20 @@ def test_exit_status_says_what_failed(monkeypatch, capsys):
         monkeypatch, [], ResumeConflict("holds part of a run with different scoring")
     )
     assert status == 2 and "different scoring" in capsys.readouterr().err
+
+
+def test_serve_refuses_to_start_without_a_token_before_anything_starts(monkeypatch, capsys):
+    import ray
+
+    from visualprm_ray.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a server that cannot run")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("VISUALPRM_SERVE_TOKEN", raising=False)
+    assert main(["serve", "--model", "/m", "--port", "8123"]) == 2
+    assert "a bearer token is required" in capsys.readouterr().err
+    assert main(["serve", "--model", "/m", "--set", "server.colour=1"]) == 2
+    assert "bad configuration" in capsys.readouterr().err

@@ -170,6 +170,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from visualprm_ray.job.config import ConfigError
+    from visualprm_ray.serve.config import ServeConfig
+    from visualprm_ray.serve.driver import ServeSetupError, run_serve
+
+    try:
+        config = ServeConfig.from_sources(
+            args.config,
+            args.set,
+            model_source=args.model,
+            server_host=args.host,
+            server_port=args.port,
+            server_replicas=args.replicas,
+        )
+    except ConfigError as exc:
+        print(f"visualprm-ray serve: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_serve(config)
+    except ServeSetupError as exc:
+        print(f"visualprm-ray serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visualprm-ray",
@@ -343,6 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--debug", action="store_true", help="show the traceback behind an error message")
     export.set_defaults(func=_export)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the PRM over HTTP (Ray Serve) for RL loops: POST /v1/score, same scores as the job",
+        description="Deploy the PRM as a Ray Serve application: one model replica per GPU (or a CPU replica), "
+        "requests of concurrent clients coalesced into scorer batches. Attaches to $RAY_ADDRESS like the "
+        "job, else starts a local Ray. Every request needs the bearer token of $VISUALPRM_SERVE_TOKEN (or "
+        "server.token_file). Precedence: --config YAML < the flags < --set. Exit status: 2 for a bad "
+        "configuration or no token.",
+    )
+    serve.add_argument("--model", help="the checkpoint: a local directory, s3:// or gs:// prefix, or hub id")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    serve.add_argument("--replicas", type=int, help="model replicas (default: one per GPU, else one)")
+    serve.add_argument(
+        "--config", help="server config YAML (sections model, images, scoring, server, storage)"
+    )
+    serve.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)"
+    )
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -62,3 +62,30 @@ def test_gpu_session_runs_every_variant_tiny_on_cpu(tmp_path):
     spread = json.loads((tmp_path / "gpu-spread.json").read_text())
     assert all("error" not in r for r in spread["results"]), spread["results"]
     assert "profile of shared_prefix+all" in (tmp_path / "profile.log").read_text()
+
+
+@pytest.mark.slow
+def test_serve_load_test_runs_small(tmp_path):
+    """The endpoint's load test end to end at a small count: served scores equal in-process ones."""
+    out = tmp_path / "serve.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "serve_cpu.py"),
+            "--requests",
+            "4",
+            "--concurrency",
+            "1,2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [level["concurrency"] for level in report["levels"]] == [1, 2]
+    assert report["max_diff"] <= 1e-5 and report["in_process_candidates_per_s"] > 0
+    for level in report["levels"]:
+        assert level["candidates_per_s"] > 0 and level["p50_s"] <= level["p95_s"] <= level["p99_s"]

@@ -33,6 +33,7 @@ CRD_FILES = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayCronJob": "ray.io_raycronjobs.yaml",
+    "RayService": "ray.io_rayservices.yaml",
 }
 IMAGE_WORKDIR = "/app"  # cluster/Dockerfile's WORKDIR: entrypoint paths under it are repository paths
 S3_SECRET = "visualprm-s3"
@@ -180,7 +181,12 @@ def schema_errors(validator: jsonschema.Draft7Validator, doc: Any) -> list[str]:
 
 @pytest.mark.parametrize(
     ("filename", "kind"),
-    [("rayjob.yaml", "RayJob"), ("raycluster.yaml", "RayCluster"), ("raycronjob.yaml", "RayCronJob")],
+    [
+        ("rayjob.yaml", "RayJob"),
+        ("raycluster.yaml", "RayCluster"),
+        ("raycronjob.yaml", "RayCronJob"),
+        ("rayservice.yaml", "RayService"),
+    ],
 )
 def test_manifest_validates_against_its_crd(validators, filename, kind):
     doc = load(filename)
@@ -293,6 +299,42 @@ def test_ray_cluster_shape(name):
         for n, g in groups(spec)
         if n != "head"
     ), "no CPU worker group for image preparation"
+
+
+def test_the_rayservice_deploys_the_endpoint_the_cli_serves(monkeypatch):
+    """serveConfigV2 is a valid Serve config whose application is this package's builder, with
+    arguments that make a valid server config; the cluster is the job's GPU pods, the token from
+    a Secret on every pod, the head running no replicas."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from visualprm_ray.serve import app
+
+    doc = load("rayservice.yaml")
+    serve_config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    assert serve_config.http_options.host == "0.0.0.0" and serve_config.http_options.port == 8000
+    (application,) = serve_config.applications
+    module, _, name = application.import_path.partition(":")
+    assert module == app.__name__ and callable(getattr(app, name))
+    monkeypatch.setenv("VISUALPRM_SERVE_TOKEN", "t")
+    built = app.app_builder(application.args)  # device and replicas are set: no cluster is asked
+    assert type(built).__name__ == "Application"
+    cluster = doc["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    expected_image = f"ghcr.io/your-org/visualprm-ray:{package_version()}"
+    replicas = {s.split("=", 1)[0]: s.split("=", 1)[1] for s in application.args["set"]}
+    gpu_pods = 0
+    for group_name, group in groups(cluster):
+        pod = group["template"]["spec"]
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["image"] == expected_image
+        container = ray_container(group)
+        secrets = [e["secretRef"]["name"] for e in container.get("envFrom", [])]
+        assert secrets == [S3_SECRET, "visualprm-serve-token"], group_name
+        if group_name != "head":
+            assert ray_container(group)["resources"]["limits"]["nvidia.com/gpu"] == 1
+            gpu_pods += group["replicas"]
+    assert int(replicas["server.replicas"]) == gpu_pods, "one replica per GPU pod"
 
 
 def test_every_container_runs_the_project_image():
@@ -738,7 +780,7 @@ def test_dockerfile_base_image_is_the_tested_ray():
     (base,) = [rest for instruction, rest in dockerfile_instructions() if instruction == "FROM"]
     assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
     (run_pip,) = [rest for instruction, rest in dockerfile_instructions() if "pip install" in rest]
-    assert f'"ray[data]=={ray.__version__}"' in run_pip
+    assert f'"ray[data,serve]=={ray.__version__}"' in run_pip
     assert "[dev]" not in run_pip
 
 
