@@ -127,6 +127,9 @@ def test_every_fast_path_matches_naive(prm, mode, options):
     _assert_close(fast.score(text, RESPONSES, None), _naive(prm, text, RESPONSES, None))
     small = VisualPRM(prm.checkpoint, prefix_mode=mode, kernels=kernels, token_budget=64)
     _assert_close(small.score(QUESTION, RESPONSES, image), _naive(prm, QUESTION, RESPONSES, image))
+    # A candidate whose conversation is the others' common prefix: a zero-length segment in a chunk.
+    nested = [["a step"], ["a step", "another step"], ["a step", "x"]]
+    _assert_close(fast.score("Q?", nested), _naive(prm, "Q?", nested, None))
 
 
 def test_varlen_attention_never_builds_the_padded_copy(prm, monkeypatch):

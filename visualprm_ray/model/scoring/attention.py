@@ -152,6 +152,8 @@ def varlen_attention_with_lse(
     if len(starts_q) != len(starts_k):
         raise ValueError("as many query segments as key segments")
     for (qa, qb), (ka, kb) in zip(pairwise(starts_q), pairwise(starts_k), strict=True):
+        if qa == qb:
+            continue  # no queries: nothing to compute (the kernels do not take empty segments)
         out, lse = attention_with_lse(
             query[qa:qb].transpose(0, 1).unsqueeze(0),
             key[ka:kb].transpose(0, 1).unsqueeze(0),
@@ -161,4 +163,6 @@ def varlen_attention_with_lse(
         )
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
+    if not outs:
+        return query.new_zeros(query.shape), query.new_zeros(query.shape[1], 0, dtype=torch.float32)
     return torch.cat(outs), torch.cat(lses, dim=1)

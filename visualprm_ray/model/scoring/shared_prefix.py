@@ -75,7 +75,7 @@ class Packing:
         move = to_device or (lambda array: torch.from_numpy(array).to(device))
         width = max(lengths)
         if attention == "varlen":
-            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            offsets = np.asarray(cls.segment_offsets(lengths), dtype=np.int32)
             # One host-to-device copy for the three offset lists.
             both = move(np.concatenate([offsets, np.array([0, offsets[-1], 0, prefix], dtype=np.int32)]))
             n = len(offsets)
@@ -88,9 +88,16 @@ class Packing:
     def tokens(self) -> int:
         return sum(self.lengths)
 
+    @staticmethod
+    def segment_offsets(lengths) -> list[int]:
+        """Where each non-empty candidate starts in the row, and the row's end. An empty candidate
+        (its conversation is the prefix itself) has no queries or keys: it is no segment at all,
+        which is what the kernels need (a zero-length segment crashes the CPU flash kernel)."""
+        ends = np.cumsum([n for n in lengths if n]).tolist()
+        return [0, *ends]
+
     def offsets(self) -> list[int]:
-        """Where each candidate starts in the row, and the row's end."""
-        return [0, *np.cumsum(self.lengths).tolist()]
+        return self.segment_offsets(self.lengths)
 
     def to_padded(self, x: torch.Tensor) -> torch.Tensor:
         """``[1, heads, tokens, D]`` (packed) to ``[candidates, heads, width, D]``, zeros after each end."""
@@ -141,10 +148,17 @@ def shared_prefix_attention(
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
         pk, pv = prefix_key[0].transpose(0, 1), prefix_value[0].transpose(0, 1)
         own_cu, prefix_q_cu, prefix_k_cu = packing.cumulative or (None, None, None)
+        prefix_cumulative = None if prefix_q_cu is None else (prefix_q_cu, prefix_k_cu)
         shared = attention.varlen_attention_with_lse(
-            q, pk, pv, [0, packing.tokens], [0, pk.shape[0]], scale, causal=False,
-            cumulative=None if prefix_q_cu is None else (prefix_q_cu, prefix_k_cu),
-        )  # fmt: skip
+            q,
+            pk,
+            pv,
+            [0, packing.tokens],
+            [0, pk.shape[0]],
+            scale,
+            causal=False,
+            cumulative=prefix_cumulative,
+        )
         starts = packing.offsets()
         own = attention.varlen_attention_with_lse(
             q,
