@@ -45,6 +45,8 @@ from visualprm_ray.storage import StorageOptions
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from visualprm_ray.model.scoring.options import KernelOptions
+
 __all__ = [
     "ConfigError",
     "ImagesConfig",
@@ -208,6 +210,12 @@ class KernelsConfig(BaseModel):
         "default",
         description="'avoid' copies index tensors to the GPU from pinned memory without waiting, counts image tokens on the host and skips transformers' packed-sequence check; 'default' does neither.",
     )
+
+    def options(self) -> KernelOptions:
+        """The scorer's :class:`~visualprm_ray.model.scoring.options.KernelOptions` (same fields)."""
+        from visualprm_ray.model.scoring.options import KernelOptions
+
+        return KernelOptions(**self.model_dump())
 
 
 class ScoringConfig(BaseModel):

@@ -168,7 +168,7 @@ class ReplicaScorer:
 
     def __init__(self, config: ServeConfig, device: str) -> None:
         from visualprm_ray.model.checkpoint import load_checkpoint
-        from visualprm_ray.model.scoring import KernelOptions, make_scorer
+        from visualprm_ray.model.scoring import make_scorer
         from visualprm_ray.model.source import model_identity, resolve_model_source
 
         self.config = config
@@ -189,7 +189,7 @@ class ReplicaScorer:
             token_budget=scoring.token_budget,
             vision_batch=scoring.vision_batch,
             mode=scoring.prefix_mode,
-            options=KernelOptions(**scoring.kernels.model_dump()),
+            options=scoring.kernels.options(),
         )
         self.system_message = (
             model.system_message if model.system_message is not None else self.info.system_message

@@ -22,18 +22,6 @@ def test_kernel_output_and_lse_match_the_reference(dtype, tol, causal):
     assert (lse - ref_lse).abs().max() < tol * 10
 
 
-def test_merging_two_key_sets_is_attention_over_their_union():
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 4, 5, 8, generator=g)
-    k1, v1 = torch.randn(2, 4, 7, 8, generator=g), torch.randn(2, 4, 7, 8, generator=g)
-    k2, v2 = torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 4, 3, 8, generator=g)
-    parts = [attention.reference_attention_with_lse(q, k, v, 0.3, False) for k, v in ((k1, v1), (k2, v2))]
-    union = torch.nn.functional.scaled_dot_product_attention(
-        q, torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), scale=0.3
-    )
-    assert (attention.merge(parts, q.dtype) - union).abs().max() < 1e-6
-
-
 def _segments(lengths):
     return [0, *torch.cumsum(torch.tensor(lengths), 0).tolist()]
 

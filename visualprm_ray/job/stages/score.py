@@ -151,7 +151,7 @@ class ScoreStage:
         cpu_threads: int | None,
     ) -> None:
         from visualprm_ray.model.checkpoint import load_checkpoint
-        from visualprm_ray.model.scoring import KernelOptions, make_scorer
+        from visualprm_ray.model.scoring import make_scorer
         from visualprm_ray.model.source import ModelIdentity, resolve_model_source
 
         if self.faults is not None:
@@ -184,7 +184,7 @@ class ScoreStage:
             token_budget=config.scoring.token_budget,
             vision_batch=config.scoring.vision_batch,
             mode=config.scoring.prefix_mode,
-            options=KernelOptions(**config.scoring.kernels.model_dump()),
+            options=config.scoring.kernels.options(),
         )
         if self.faults is not None:
             from visualprm_ray.job import faults

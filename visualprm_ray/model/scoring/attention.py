@@ -67,15 +67,6 @@ def reference_attention_with_lse(
     return out.to(query.dtype), lse
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """Softmax attention over the union of the parts' keys, from each part's output and LSE."""
-    import torch
-
-    total = torch.logsumexp(torch.stack([lse for _, lse in parts]), dim=0)
-    out = sum(o.float() * torch.exp(lse - total).unsqueeze(-1) for o, lse in parts)
-    return out.to(dtype)
-
-
 def merge_pair(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> torch.Tensor:
